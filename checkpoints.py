@@ -1,0 +1,80 @@
+"""Reading checkpoints for evaluation, with clear refusals instead of silent mismatches."""
+
+import fsspec
+import torch
+from torch import nn
+
+from errors import VaddError
+
+
+class CheckpointError(VaddError, RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load through fsspec; missing, truncated or foreign files raise CheckpointError."""
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    if not fs.exists(p):
+        raise CheckpointError(
+            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file"
+        )
+    try:
+        with fs.open(p, "rb") as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle of something else, ...
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); "
+            "it may be truncated by an interrupted copy: use another checkpoint"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a vadd/Lightning checkpoint (no 'state_dict' entry)")
+    return ckpt
+
+
+def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse a state dict whose tensors do not fit the configured model, naming both shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        hint = (
+            " (a model without encoder: set training.loss_type=mdlm?)"
+            if missing[0].startswith("encoder.")
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} weights the config needs, e.g. {missing[0]}{hint}"
+        )
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        hint = (
+            " (a VADD checkpoint: set training.loss_type=vae?)"
+            if unexpected[0].startswith("encoder.")
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} has {len(unexpected)} weights the config lacks, e.g. {unexpected[0]}{hint}"
+        )
+    for key, tensor in own.items():
+        if state[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                f"{tuple(tensor.shape)} in the model built from the config: the checkpoint was "
+                "trained with another vocabulary or model size "
+                "(check data=..., model=..., decoder=...)"
+            )
+
+
+def load_for_eval(module, path: str) -> dict:
+    """Load weights (and EMA) of a training checkpoint into `module`; return the checkpoint."""
+    ckpt = read_checkpoint(path)
+    saved_vocab = ckpt.get("vadd", {}).get("vocab")
+    if saved_vocab and saved_vocab["size"] != module.vocab.size:
+        raise CheckpointError(
+            f"{path} was trained with a vocabulary of {saved_vocab['size']} tokens but data="
+            f"{module.cfg.data.name} gives {module.vocab.size}: "
+            "use the data/tokenizer it was trained with"
+        )
+    check_compatible(module, ckpt["state_dict"], path)
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    return ckpt

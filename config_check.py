@@ -1,0 +1,193 @@
+"""Start-up validation of the composed config: one clear line per bad value, in seconds.
+
+Imports only omegaconf so it runs before torch/lightning are loaded. Every message names
+the key, the bad value and the fix.
+"""
+
+import difflib
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from errors import VaddError
+
+
+class ConfigError(VaddError, ValueError):
+    """A bad configuration value; the message is meant to be shown to the user as is."""
+
+
+CHOICES = {
+    "mode": ["train", "ppl_eval", "sample_eval"],
+    "diffusion": ["absorbing_state"],
+    "backbone": ["dit", "ar"],
+    "parameterization": ["subs", "ar"],
+    "training.loss_type": ["mdlm", "vae"],
+    "training.loss_strategy": ["klweight", "none"],
+    "training.kl_weighting": ["time", "steps"],
+    "model.latent_struc": ["adaln"],
+    "decoder.mask_struc": ["adaln", "none"],
+    "noise.type": ["loglinear", "linear", "cosine", "geometric"],
+    "lr_scheduler.name": ["constant_warmup", "cosine_decay_warmup"],
+    "strategy.name": ["auto", "ddp", "fsdp"],
+    "sampling.predictor": ["auto", "vae", "vae_cache", "ddpm", "ddpm_cache", "ar"],
+    "logger": ["csv", "wandb", "none"],
+    "wandb.mode": ["offline", "online", "disabled"],
+    "trainer.precision": [
+        "auto",
+        "32-true",
+        "32",
+        "bf16-mixed",
+        "bf16-true",
+        "16-mixed",
+        "64-true",
+    ],
+}
+
+# key: (minimum, maximum or None, integer?)
+RANGES = {
+    "T": (0, None, True),
+    "model.length": (2, None, True),
+    "model.hidden_size": (1, None, True),
+    "model.n_heads": (1, None, True),
+    "model.n_blocks": (1, None, True),
+    "model.cond_dim": (1, None, True),
+    "model.dropout": (0.0, 1.0, False),
+    "training.num_particles": (1, None, True),
+    "training.encoder_training_times": (1, None, True),
+    "training.init_kl_weight": (0.0, 1.0, False),
+    "training.kl_weight_interval": (0, None, True),
+    "training.ema": (0.0, 0.999999, False),
+    "training.sampling_eps": (0.0, 0.5, False),
+    "eval.num_particles": (1, None, True),
+    "sampling.steps": (1, None, True),
+    "sampling.num_sample_batches": (0, None, True),
+    "loader.global_batch_size": (1, None, True),
+    "loader.num_workers": (0, None, True),
+    "optim.lr": (0.0, None, False),
+    "trainer.max_steps": (-1, None, True),
+    "trainer.num_nodes": (1, None, True),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first bad value found."""
+    for key, allowed in CHOICES.items():
+        _check_choice(cfg, key, allowed)
+    for key, (lo, hi, integer) in RANGES.items():
+        _check_range(cfg, key, lo, hi, integer)
+    for rule in (_check_backbone, _check_vae, _check_model_shape, _check_sampling, _check_eval):
+        rule(cfg)
+
+
+def _get(cfg, key):
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _check_choice(cfg, key, allowed):
+    value = _get(cfg, key)
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        fix = f"did you mean {key}={hint[0]}?" if hint else f"use one of {allowed}"
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}: {fix}")
+
+
+def _check_range(cfg, key, lo, hi, integer):
+    value = _get(cfg, key)
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f"{key}={value!r} must be {kind}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+
+
+def _check_backbone(cfg):
+    if (cfg.backbone == "ar") != (cfg.parameterization == "ar"):
+        raise ConfigError(
+            f"backbone={cfg.backbone} with parameterization={cfg.parameterization}: "
+            "the AR baseline needs both backbone=ar and parameterization=ar"
+        )
+    if cfg.training.kl_weighting == "steps" and cfg.T < 1:
+        raise ConfigError(
+            "training.kl_weighting=steps needs the number of steps T >= 1 "
+            f"(got T={cfg.T}): set T=<steps> or use training.kl_weighting=time"
+        )
+
+
+def _check_vae(cfg):
+    if cfg.training.loss_type != "vae" or cfg.backbone == "ar":
+        return
+    m = cfg.model
+    if not isinstance(m.latent_dim, int) or m.latent_dim <= 0:
+        raise ConfigError(
+            f"model.latent_dim={m.latent_dim!r} must be a positive integer for loss_type=vae"
+        )
+    if not m.latentMLP and m.latent_dim != m.cond_dim:
+        raise ConfigError(
+            f"model.latentMLP=False adds z to the conditioning directly, so model.latent_dim "
+            f"({m.latent_dim}) must equal model.cond_dim ({m.cond_dim}): set model.latentMLP=True "
+            f"or model.latent_dim={m.cond_dim}"
+        )
+    for key in ("hidden_size", "n_heads", "n_blocks", "cond_dim"):
+        if not isinstance(cfg.decoder.get(key), int) or cfg.decoder.get(key) < 1:
+            raise ConfigError(f"decoder.{key}={cfg.decoder.get(key)!r} must be a positive integer")
+    _check_heads("decoder", cfg.decoder)
+
+
+def _check_model_shape(cfg):
+    _check_heads("model", cfg.model)
+
+
+def _check_heads(prefix, m):
+    if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
+        raise ConfigError(
+            f"{prefix}.hidden_size={m.hidden_size} must split into {prefix}.n_heads={m.n_heads} "
+            "heads of even size (rotary embedding): change one of them"
+        )
+
+
+def _check_eval(cfg):
+    if cfg.mode in ("ppl_eval", "sample_eval") and not cfg.eval.checkpoint_path:
+        raise ConfigError(
+            f"mode={cfg.mode} needs a trained model: set eval.checkpoint_path=<path to a .ckpt>"
+        )
+    path = str(cfg.eval.checkpoint_path)
+    if cfg.mode != "train" and "://" not in path and not os.path.exists(path):
+        raise ConfigError(
+            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file"
+        )
+    times = cfg.eval.get("ppl_times", 1)
+    if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+        raise ConfigError(f"eval.ppl_times={times!r} must be an integer >= 1")
+
+
+def resolve_predictor(cfg: DictConfig) -> str:
+    """`auto` -> vae for VADD, ddpm_cache for MDLM, ar for the AR baseline."""
+    if cfg.sampling.predictor != "auto":
+        return cfg.sampling.predictor
+    if cfg.backbone == "ar":
+        return "ar"
+    return "vae" if cfg.training.loss_type == "vae" else "ddpm_cache"
+
+
+def _check_sampling(cfg):
+    if cfg.mode != "sample_eval":
+        return
+    s = OmegaConf.create({"predictor": resolve_predictor(cfg), "fixz": cfg.sampling.fixz})
+    if s.predictor.startswith("vae") and cfg.training.loss_type != "vae":
+        raise ConfigError(
+            f"sampling.predictor={s.predictor} samples z, which needs training.loss_type=vae: "
+            "for an MDLM model use sampling.predictor=ddpm_cache"
+        )
+    if s.predictor == "ar" and cfg.backbone != "ar":
+        raise ConfigError("sampling.predictor=ar needs backbone=ar: use ddpm_cache or vae_cache")
+    if cfg.backbone == "ar" and s.predictor != "ar" and cfg.mode == "sample_eval":
+        raise ConfigError(
+            f"backbone=ar samples left to right: set sampling.predictor=ar (got {s.predictor})"
+        )
+    if s.fixz is not None and not s.predictor.startswith("vae"):
+        raise ConfigError(
+            f"sampling.fixz={s.fixz} only applies to the vae samplers (got "
+            f"sampling.predictor={s.predictor}): drop sampling.fixz or use sampling.predictor=vae"
+        )

@@ -1,0 +1,246 @@
+"""The Lightning module: training and validation loops around the objectives.
+
+What lives here: optimisation (manual, so accumulation, gradient clipping, VADD's
+encoder-only steps and EMA updates are explicit and in one place), KL annealing, the
+global-batch antithetic time draw, EMA swapping for evaluation, and metric reduction.
+What does not: the maths (losses.py, objectives.py), sampling (samplers.py,
+generation.py), data (dataloader.py).
+"""
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import losses
+import objectives
+import utils
+from models import build_networks
+from models.ema import ExponentialMovingAverage
+from noise_schedule import get_noise
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token ids. `size` real tokens (ids 0..size-1); the [MASK] id is `size`."""
+
+    size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def mask_id(self) -> int:
+        return self.size
+
+    @property
+    def model_size(self) -> int:
+        return self.size + 1
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "Vocab":
+        return cls(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+class Diffusion(L.LightningModule):
+    def __init__(self, cfg: DictConfig, vocab: Vocab):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+        self.loss_type = "ar" if cfg.backbone == "ar" else cfg.training.loss_type
+        self.backbone, self.encoder = build_networks(cfg, vocab.model_size)
+        self.spec = objectives.DiffusionSpec(
+            noise=get_noise(cfg.noise),
+            mask_id=vocab.mask_id,
+            vocab_size=vocab.size,
+            num_steps=cfg.T,
+            kl_weighting=cfg.training.kl_weighting,
+            time_conditioning=cfg.time_conditioning,
+        )
+        self.ema = None
+        if cfg.training.ema > 0:
+            self.ema = ExponentialMovingAverage(self.trainable_parameters(), cfg.training.ema)
+        self.accumulate = int(cfg.trainer.accumulate_grad_batches)
+        self.eval_draws, self.eval_particles = 1, 1  # ppl_eval raises both
+        self.automatic_optimization = False
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self.results: dict = {}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        nets = [self.backbone] + ([self.encoder] if self.encoder is not None else [])
+        return [p for net in nets for p in net.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- objectives
+    def beta(self) -> float:
+        t = self.cfg.training
+        return losses.kl_beta(
+            self.global_step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval
+        )
+
+    def draw_t(self, n: int, seed: int, micro: int = 0) -> torch.Tensor:
+        """Antithetic t over the global batch; every rank draws the same u from `seed`."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        gen = torch.Generator().manual_seed(seed)
+        t = losses.sample_t(
+            n,
+            eps=self.cfg.training.sampling_eps,
+            antithetic=self.cfg.training.antithetic_sampling,
+            generator=gen,
+            offset=(micro * world + rank) * n,
+            global_n=n * world * self.accumulate,
+        )
+        return t.to(self.device)
+
+    def compute_loss(self, batch, t, beta=1.0, num_particles=1) -> objectives.LossOutput:
+        x0, key_mask = batch["input_ids"], _key_mask(batch)
+        if self.loss_type == "ar":
+            return objectives.ar_loss(self.backbone, x0, key_mask, self.spec)
+        if self.loss_type == "vae":
+            return objectives.vae_loss(
+                self.backbone, self.encoder, x0, key_mask, t, self.spec,
+                beta=beta, num_particles=num_particles,
+            )  # fmt: skip
+        return objectives.mdlm_loss(self.backbone, x0, key_mask, t, self.spec)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        micro = batch_idx % self.accumulate
+        seed = self.cfg.seed * 1_000_003 + self.global_step
+        beta = self.beta()
+        if micro == 0 and self.encoder is not None:
+            for _ in range(self.cfg.training.encoder_training_times - 1):
+                self._encoder_only_step(
+                    batch, self.draw_t(len(batch["input_ids"]), seed, micro), beta
+                )
+        out = self.compute_loss(
+            batch, self.draw_t(len(batch["input_ids"]), seed, micro), beta,
+            self.cfg.training.num_particles,
+        )  # fmt: skip
+        self.manual_backward(out.loss / self.accumulate)
+        if micro == self.accumulate - 1:
+            self._clip(opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if self.ema is not None:
+                self.ema.update(self.trainable_parameters())
+        self._log_train(out, beta, sched)
+        return out.loss.detach()
+
+    def _encoder_only_step(self, batch, t, beta):
+        """One extra optimiser step of the encoder alone (`encoder_training_times` > 1).
+
+        Uses the raw optimizer so Lightning's global step (max_steps, annealing) counts
+        joint steps only; AdamW skips the decoder, whose gradients are set to None.
+        """
+        opt = self.optimizers()
+        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles)
+        self.manual_backward(out.loss)
+        for p in self.backbone.parameters():
+            p.grad = None
+        self._clip(opt)
+        opt.optimizer.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _clip(self, opt):
+        clip = self.cfg.trainer.gradient_clip_val
+        if clip and clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def _log_train(self, out, beta, sched):
+        log = {"trainer/loss": out.loss.detach(), "trainer/lr": sched.get_last_lr()[0]}
+        ntok = out.num_tokens.clamp_min(1)
+        for name, value in out.stats.items():
+            per_tok = name == "recon"
+            log[f"train/{name}"] = value.sum() / ntok if per_tok else value.mean()
+        if self.loss_type == "vae":
+            log["train/beta"] = beta
+        self.log_dict(log, on_step=True, prog_bar=False, batch_size=len(out.per_seq))
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(
+            self.trainable_parameters(),
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=torch.cuda.is_available() and self.device.type == "cuda",
+        )
+        sched = utils.build_lr_scheduler(opt, self.cfg.lr_scheduler, self.cfg.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self):
+        self._rng_state = utils.get_rng_state()
+        torch.manual_seed(self.cfg.seed)  # the same masks every validation: comparable numbers
+        self._val_sums = {}
+        if self.ema is not None and not self.cfg.eval.disable_ema:
+            self.ema.store_and_swap(self.trainable_parameters())
+
+    def validation_step(self, batch, batch_idx):
+        n = len(batch["input_ids"])
+        for draw in range(self.eval_draws):
+            t = self.draw_t(n, seed=(self.cfg.seed + 1) * 7919 + batch_idx * 131 + draw)
+            out = self.compute_loss(batch, t, beta=1.0, num_particles=self.eval_particles)
+            self._accumulate(f"nll_{draw}", out.per_seq.sum())
+            for name, value in out.stats.items():
+                self._accumulate(f"{name}_{draw}", value.sum())
+            if self.loss_type == "vae":
+                shape = _latent_shape(self.cfg, batch["input_ids"].shape[1])
+                prior = objectives.vae_prior_nelbo(
+                    self.backbone, batch["input_ids"], _key_mask(batch), t, self.spec, shape
+                )
+                self._accumulate(f"prior_nelbo_{draw}", prior.per_seq.sum())
+        self._accumulate("tokens", out.num_tokens)
+        self._accumulate("sequences", torch.tensor(n, device=self.device))
+
+    def _accumulate(self, key, value):
+        value = value.detach().double()
+        self._val_sums[key] = self._val_sums.get(key, 0.0) + value
+
+    def on_validation_epoch_end(self):
+        sums = {
+            k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()
+        }
+        self.results = utils.summarise_eval(sums, self.eval_draws)
+        if not self.trainer.sanity_checking:
+            logged = {f"val/{k}": v for k, v in self.results.items() if isinstance(v, float)}
+            self.log_dict(logged, rank_zero_only=True, batch_size=1)
+        if self.ema is not None:
+            self.ema.restore(self.trainable_parameters())
+        utils.set_rng_state(self._rng_state)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["vadd"] = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "vocab": self.vocab.__dict__,
+        }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+
+def _key_mask(batch) -> torch.Tensor | None:
+    """Padding mask (B, L) bool, or None when every token is real (fast attention path)."""
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+def _latent_shape(cfg: DictConfig, length: int) -> tuple[int, ...]:
+    d = cfg.model.latent_dim
+    return (d,) if cfg.model.latent1d else (length, d)
+
+
+def perplexity(nll_per_token: float) -> float:
+    return math.exp(min(nll_per_token, 700.0))

@@ -1,0 +1,5 @@
+"""User-facing errors: main.py prints their message as one line and exits with status 2."""
+
+
+class VaddError(Exception):
+    """Bad input (config value, data, checkpoint) with a message that names the fix."""

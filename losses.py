@@ -1,0 +1,133 @@
+"""The maths of the objectives, as pure functions of tensors (spec sections 2-3).
+
+Notation: B sequences, K latent particles, L positions, d latent dims.
+- `recon` (B, K): sum over masked positions of log p(x0^l | xt, z_k)   (<= 0)
+- `kl` (B, K):    one-sample log r(z_k | x0, xt) - log N(z_k; 0, I)
+- DELBO per sequence (K = 1):  lam_rec(t) * (-recon) + lam_kl(t) * beta * kl
+- IWAE (K >= 1): ell_k = (lam_rec / lam_kl) * recon_k - beta * kl_k and
+  loss = -lam_kl * log mean_k exp(ell_k), which is the DELBO for K = 1.
+kl_weighting='time':  lam_rec = lam_kl = w(t) = -alpha'_t / (1 - alpha_t)
+kl_weighting='steps': lam_rec = T (alpha_s - alpha_t) / (1 - alpha_t), lam_kl = T
+  (a bound on -log p for a T-step sampler that redraws z each step; T = 1 is a VAE ELBO).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from noise_schedule import NoiseSchedule
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def sample_t(
+    n: int,
+    *,
+    eps: float,
+    antithetic: bool,
+    generator: torch.Generator | None = None,
+    offset: int = 0,
+    global_n: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """n diffusion times in [eps, 1].
+
+    Antithetic (stratified) sampling spreads one shared uniform draw u over the *global*
+    batch: sample i of the global batch gets ((u + i / N) mod 1). `offset` is the index of
+    this micro-batch's first sample in the global batch (rank, accumulation step), so the
+    strata are disjoint across devices when every rank uses the same generator state.
+    """
+    if antithetic:
+        global_n = global_n or n
+        u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+        idx = torch.arange(offset, offset + n, device=device, dtype=torch.float64)
+        t = torch.remainder(u + idx / global_n, 1.0)
+    else:
+        t = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return (eps + (1.0 - eps) * t).float()
+
+
+def discretize_t(t: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Map t in (0, 1] onto the grid {1/T, ..., 1} (step i covers ((i-1)/T, i/T])."""
+    return torch.ceil(t * num_steps).clamp(min=1) / num_steps
+
+
+def mask_tokens(
+    x0: torch.Tensor, t: torch.Tensor, noise: NoiseSchedule, mask_id: int, generator=None
+) -> torch.Tensor:
+    """Forward process q(xt | x0): each position independently masked w.p. 1 - alpha_t."""
+    p_mask = noise.mask_prob(t)[:, None]  # (B, 1)
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    return torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
+
+
+def masked_token_logp(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """SUBS log p(x0 | xt) on masked rows only: logits (N, V_out) -> (N,) in float32.
+
+    Only the first `vocab_size` logits compete (the [MASK] logit and any padding ids are
+    excluded, i.e. set to -inf). cross_entropy upcasts per row internally, so no float32
+    copy of the full logits is kept for the backward pass.
+    """
+    return -F.cross_entropy(logits[:, :vocab_size].float(), targets, reduction="none")
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put per-position values (N,) back at the True positions of mask (B, L), 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+def reparameterize(mu, log_sigma, num_particles: int, generator=None):
+    """z = mu + sigma * eps for K particles: (B, ...) -> (B, K, ...), with eps."""
+    shape = (mu.shape[0], num_particles, *mu.shape[1:])
+    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu[:, None] + log_sigma.exp()[:, None] * eps, eps
+
+
+def kl_one_sample(z: torch.Tensor, eps: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """log r(z) - log N(z; 0, I) summed over all non-batch, non-particle dims: (B, K)."""
+    log_r = -(log_sigma[:, None] + 0.5 * eps**2 + 0.5 * LOG_2PI)
+    log_p = -(0.5 * z**2 + 0.5 * LOG_2PI)
+    return (log_r - log_p).flatten(2).sum(-1)
+
+
+def kl_closed_form(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per sequence (B,), for logging."""
+    return 0.5 * (mu**2 + torch.exp(2 * log_sigma) - 1.0 - 2.0 * log_sigma).flatten(1).sum(-1)
+
+
+def loss_weights(
+    t: torch.Tensor, noise: NoiseSchedule, kl_weighting: str, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam_rec, lam_kl), each (B,), for the chosen kl_weighting (see module docstring)."""
+    if kl_weighting == "steps" or num_steps > 0:
+        s = t - 1.0 / num_steps
+        lam_rec = num_steps * noise.unmask_prob(t, s.clamp_min(0.0))
+        # alpha_0 must be exactly 1 at the last step so that T=1 is recon + KL exactly.
+        lam_rec = torch.where(s <= 0, torch.full_like(t, float(num_steps)), lam_rec)
+        if kl_weighting == "steps":
+            return lam_rec, torch.full_like(t, float(num_steps))
+        return lam_rec, lam_rec
+    w = noise.loss_weight(t)
+    return w, w
+
+
+def kl_beta(step: int, strategy: str, init_kl_weight: float, interval: int) -> float:
+    """KL annealing: beta rises linearly from init_kl_weight to 1 over `interval` steps."""
+    if strategy == "none" or interval <= 0:
+        return 1.0
+    return min(1.0, init_kl_weight + (1.0 - init_kl_weight) * step / interval)
+
+
+def iwae_delbo(recon, kl, lam_rec, lam_kl, beta: float = 1.0) -> torch.Tensor:
+    """Per-sequence loss (B,) from recon, kl (B, K) and weights (B,). K = 1 gives the DELBO."""
+    ell = (lam_rec / lam_kl)[:, None] * recon - beta * kl  # (B, K)
+    log_mean = torch.logsumexp(ell, dim=1) - math.log(ell.shape[1])
+    return -lam_kl * log_mean
+
+
+def nelbo_mdlm(recon: torch.Tensor, lam_rec: torch.Tensor) -> torch.Tensor:
+    """MDLM's per-sequence NELBO (B,) = lam_rec(t) * sum over masked positions of -log p."""
+    return -lam_rec * recon

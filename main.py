@@ -1,0 +1,46 @@
+"""vadd entry point: `python main.py mode=train | ppl_eval | sample_eval [overrides]`.
+
+The config is validated before torch, Lightning or the data are touched, so a bad value
+fails in seconds with one line (and exit status 2) instead of a stack trace later.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from config_check import validate_config
+from errors import VaddError
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        validate_config(cfg)
+        run(cfg)
+    except VaddError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run(cfg: DictConfig) -> None:
+    import lightning as L  # heavy imports after validation
+
+    import dataloader
+    import runner
+
+    trainer = runner.build_trainer(cfg)
+    runner.derive_batch_sizes(cfg, trainer.num_devices * trainer.num_nodes)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = dataloader.get_tokenizer(cfg.data)
+    module = runner.build_module(cfg, tokenizer)
+    if cfg.mode == "train":
+        runner.train(cfg, trainer, module, tokenizer)
+    elif cfg.mode == "ppl_eval":
+        runner.ppl_eval(cfg, trainer, module, tokenizer)
+    else:
+        runner.sample_eval(cfg, module, tokenizer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The one place where networks are built (so torch.compile and precision wrap them once)."""
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from models.autoregressive import AR
+from models.dit import DIT, GenDIT, InferDIT
+
+
+def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Module | None]:
+    """Return (backbone, encoder). `vocab_size` counts the [MASK] id (the last id).
+
+    backbone: AR for backbone=ar, GenDIT for loss_type=vae, else MDLM's DIT.
+    encoder: InferDIT for loss_type=vae, else None.
+    """
+    if cfg.backbone == "ar":
+        backbone, encoder = AR(cfg.model, vocab_size), None
+    elif cfg.training.loss_type == "vae":
+        backbone = GenDIT(cfg.model, vocab_size)
+        encoder = InferDIT(cfg.decoder, cfg.model.latent_dim, cfg.model.latent1d, vocab_size)
+    else:
+        backbone, encoder = DIT(cfg.model, vocab_size), None
+    if cfg.model.get("compile", False):
+        compile_blocks(backbone)
+        if encoder is not None:
+            compile_blocks(encoder)
+    return backbone, encoder
+
+
+def compile_blocks(net: nn.Module) -> None:
+    """Per-block torch.compile: small graphs compile fast and fuse AdaLN/gates/residuals."""
+    for i, block in enumerate(net.blocks):
+        net.blocks[i] = torch.compile(block, dynamic=False)
+
+
+def count_parameters(net: nn.Module | None) -> int:
+    return 0 if net is None else sum(p.numel() for p in net.parameters())

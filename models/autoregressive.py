@@ -1,0 +1,65 @@
+"""Autoregressive baseline: the DiT trunk with causal attention and no AdaLN.
+
+Same embedding, rotary and attention code as the diffusion backbones, plain pre-LN
+residual blocks, a zero-initialised output projection (uniform start) and next-token
+prediction; the mask id exists in the vocabulary but is never predicted.
+"""
+
+import torch
+from einops import rearrange
+from omegaconf import DictConfig
+from torch import nn
+
+from models import attention
+from models.dit import EmbeddingLayer, LayerNorm
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * dim, dim),
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, rotary, key_mask=None):
+        qkv = self.attn_qkv(self.norm1(x))
+        q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.n_heads)
+        q, k = attention.apply_rotary(q, rotary), attention.apply_rotary(k, rotary)
+        # Causal attention needs no padding mask: padding sits after the real tokens.
+        h = rearrange(attention.attend(q, k, v, causal=True), "b h l d -> b l (h d)")
+        x = x + self.dropout(self.attn_out(h))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class AR(nn.Module):
+    """Causal transformer: ids (B, L) -> next-token logits (B, L, V) or (N, V) under out_mask."""
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.vocab_embed = EmbeddingLayer(cfg.hidden_size, vocab_size)
+        self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
+        self.blocks = nn.ModuleList(
+            CausalBlock(cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout)
+            for _ in range(cfg.n_blocks)
+        )
+        self.norm_final = LayerNorm(cfg.hidden_size)
+        self.linear = nn.Linear(cfg.hidden_size, out_dim or vocab_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, ids: torch.Tensor, out_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.vocab_embed(ids)
+        rotary = self.rotary(ids.shape[1], x.device)
+        for block in self.blocks:
+            x = block(x, rotary)
+        x = self.norm_final(x)
+        return self.linear(x if out_mask is None else x[out_mask])

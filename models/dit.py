@@ -1,0 +1,226 @@
+"""DiT backbones: shared blocks, the MDLM-style `DIT`, VADD's `GenDIT` and `InferDIT`.
+
+Parameter names follow MDLM's DiT exactly (`vocab_embed.embedding`, `sigma_map.mlp.*`,
+`blocks.{i}.attn_qkv`, `adaLN_modulation`, `output_layer.*`, ...) so MDLM checkpoints map
+onto GenDIT one to one.
+
+Conditioning vectors `c` are always 3-D: (B, 1, cond) when shared by every position, or
+(B, L, cond) when they vary per position (InferDIT's visibility, per-position latents).
+AdaLN layers and the output projection are zero-initialised: an untrained network predicts
+uniform logits and ignores its conditioning, so an untrained GenDIT is an untrained MDLM.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from omegaconf import DictConfig
+from torch import nn
+
+from models import attention
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1.0 + scale) + shift
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (MDLM's convention)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float())
+        return y.to(x.dtype)
+
+
+class EmbeddingLayer(nn.Module):
+    """A (vocab, dim) table; `F.embedding` keeps the backward a fast scatter-add."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embedding)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the noise level sigma -> MLP -> (B, cond)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+        )
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class DDiTBlock(nn.Module):
+    """Pre-LN transformer block with AdaLN-zero shift/scale/gate for attention and MLP."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout=0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * dim, dim),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, rotary, c, key_mask=None, causal=False):
+        # x: (B, L, D); c: (B, 1 | L, cond)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = rearrange(
+            self.attn_qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.n_heads
+        )
+        q, k = attention.apply_rotary(q, rotary), attention.apply_rotary(k, rotary)
+        h = rearrange(attention.attend(q, k, v, key_mask, causal), "b h l d -> b l (h d)")
+        x = x + gate1 * self.dropout(self.attn_out(h))
+        h = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2 * self.dropout(h)
+
+
+class DDitFinalLayer(nn.Module):
+    """AdaLN-modulated LayerNorm + zero-initialised projection to `out_dim`."""
+
+    def __init__(self, dim: int, out_dim: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        for layer in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DIT(nn.Module):
+    """MDLM's diffusion transformer: tokens (B, L) + noise level (B,) -> logits.
+
+    `forward(..., out_mask=m)` projects only the positions where m (B, L) is True and
+    returns (N, out_dim) rows in row-major order: the loss needs only masked positions,
+    so the (B, L, V) logits tensor is never built during training.
+    """
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.cond_dim = cfg.cond_dim
+        self.vocab_embed = EmbeddingLayer(cfg.hidden_size, vocab_size)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(cfg.hidden_size, cfg.n_heads, cfg.cond_dim, dropout=cfg.dropout)
+            for _ in range(cfg.n_blocks)
+        )
+        self.output_layer = DDitFinalLayer(cfg.hidden_size, out_dim or vocab_size, cfg.cond_dim)
+
+    def condition(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c = SiLU(time embedding), shape (B, 1, cond)."""
+        return F.silu(self.sigma_map(sigma))[:, None, :]
+
+    def run(self, ids, c, key_mask=None, out_mask=None):
+        x = self.vocab_embed(ids)
+        rotary = self.rotary(ids.shape[1], x.device)
+        for block in self.blocks:
+            x = block(x, rotary, c, key_mask)
+        if out_mask is not None:  # project only the requested positions
+            c = c.expand(-1, ids.shape[1], -1)[out_mask]
+            x = x[out_mask]
+        return self.output_layer(x, c)
+
+    def forward(self, xt, sigma, key_mask=None, out_mask=None):
+        return self.run(xt, self.condition(sigma), key_mask, out_mask)
+
+
+class LatentMLP(nn.Module):
+    """g(z): Linear(d, d) - SiLU - Linear(d, d) - SiLU - Linear(d, cond)."""
+
+    def __init__(self, latent_dim: int, cond_dim: int):
+        super().__init__()
+        d = latent_dim
+        self.net = nn.Sequential(
+            nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, cond_dim)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class GenDIT(DIT):
+    """Decoder p(x0 | xt, z): the DIT whose AdaLN conditioning is c = SiLU(emb(sigma)) + g(z).
+
+    z is (B, latent_dim) when `latent1d` (one latent per sequence) or (B, L, latent_dim).
+    `latentMLP=False` adds z directly (needs latent_dim == cond_dim, checked at start-up).
+    """
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
+        super().__init__(cfg, vocab_size, out_dim)
+        self.latent_dim = cfg.latent_dim
+        self.latent_struc = cfg.latent_struc
+        self.latent_map = (
+            LatentMLP(cfg.latent_dim, cfg.cond_dim) if cfg.latentMLP else nn.Identity()
+        )
+
+    def forward(self, xt, sigma, z=None, key_mask=None, out_mask=None):
+        c = self.condition(sigma)
+        if z is not None:
+            g = self.latent_map(z)  # (B, cond) or (B, L, cond)
+            c = c + (g[:, None, :] if g.dim() == 2 else g)
+        return self.run(xt, c, key_mask, out_mask)
+
+
+class InferDIT(DIT):
+    """Recognition model r(z | x0, xt) = N(mu, diag(sigma^2)).
+
+    Reads the clean tokens x0. With `mask_struc=adaln` the positions visible in xt get a
+    learned vector added to their AdaLN conditioning; `none` ignores xt (r(z | x0)).
+    The head emits 2 * latent_dim numbers per position, mean-pooled over (non-padding)
+    positions when `latent1d`. Zero-initialised head: an untrained r equals the prior.
+    """
+
+    def __init__(self, enc_cfg: DictConfig, latent_dim: int, latent1d: bool, vocab_size: int):
+        super().__init__(enc_cfg, vocab_size, out_dim=2 * latent_dim)
+        self.mask_struc = enc_cfg.mask_struc
+        self.latent1d = latent1d
+        if self.mask_struc == "adaln":
+            self.visible_embed = nn.Parameter(torch.zeros(enc_cfg.cond_dim))
+            nn.init.normal_(self.visible_embed, std=0.02)
+
+    def forward(self, x0, visible, sigma, key_mask=None):
+        """x0, visible: (B, L) -> mu, log_sigma each (B, d) if latent1d else (B, L, d)."""
+        c = self.condition(sigma)
+        if self.mask_struc == "adaln":
+            c = c + visible[..., None].to(c.dtype) * self.visible_embed
+        h = self.run(x0, c, key_mask).float()  # (B, L, 2d)
+        if self.latent1d:
+            w = torch.ones_like(x0, dtype=h.dtype) if key_mask is None else key_mask.to(h.dtype)
+            h = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        mu, log_sigma = h.chunk(2, dim=-1)
+        return mu, log_sigma

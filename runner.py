@@ -1,0 +1,117 @@
+"""What each mode does, step by step: build the trainer, derive batch sizes, run the job."""
+
+import os
+
+import fsspec
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import dataloader
+import evaluation
+import utils
+from checkpoints import load_for_eval
+from config_check import ConfigError
+from diffusion import Diffusion, Vocab
+from models import count_parameters
+
+MODULE_OWNED_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val")  # manual optimisation
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in MODULE_OWNED_TRAINER_KEYS:
+        kwargs.pop(key)
+    if kwargs["precision"] == "auto":
+        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    callbacks = (
+        [hydra.utils.instantiate(c) for c in cfg.callbacks.values()] if cfg.mode == "train" else []
+    )
+    return L.Trainer(
+        **kwargs,
+        strategy=_strategy(cfg.strategy),
+        callbacks=callbacks,
+        logger=_logger(cfg) if cfg.mode == "train" else False,
+        default_root_dir=cfg.checkpointing.save_dir,
+    )
+
+
+def _strategy(s: DictConfig):
+    if s.name == "ddp":
+        return DDPStrategy(find_unused_parameters=s.find_unused_parameters)
+    if s.name == "fsdp":
+        return FSDPStrategy(sharding_strategy=s.sharding_strategy)
+    return "auto"
+
+
+def _logger(cfg: DictConfig):
+    if cfg.logger == "none":
+        return False
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = cfg.wandb
+        return WandbLogger(
+            project=w.project, name=w.name, mode=w.mode, tags=list(w.tags),
+            save_dir=cfg.checkpointing.save_dir,
+        )  # fmt: skip
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(cfg.checkpointing.save_dir, name="logs", version="")
+
+
+def derive_batch_sizes(cfg: DictConfig, world: int) -> None:
+    """Per-device batches and accumulation from the global batch and the trainer's devices."""
+    loader = cfg.loader
+    with open_dict(cfg):
+        for per_dev, glob in (
+            ("batch_size", "global_batch_size"),
+            ("eval_batch_size", "eval_global_batch_size"),
+        ):
+            if loader[per_dev] is None:
+                loader[per_dev] = max(1, loader[glob] // world)
+        accumulate, rest = divmod(loader.global_batch_size, loader.batch_size * world)
+        if cfg.trainer.accumulate_grad_batches is None:
+            if rest or accumulate < 1:
+                raise ConfigError(
+                    f"loader.global_batch_size={loader.global_batch_size} is not a multiple of "
+                    f"loader.batch_size={loader.batch_size} x {world} device(s): change one of them"
+                )
+            cfg.trainer.accumulate_grad_batches = accumulate
+
+
+def build_module(cfg: DictConfig, tokenizer) -> Diffusion:
+    module = Diffusion(cfg, Vocab.from_tokenizer(tokenizer))
+    utils.print0(
+        f"[vadd] vocab {module.vocab.size} (+1 mask) | "
+        f"backbone {count_parameters(module.backbone):,} params | "
+        f"encoder {count_parameters(module.encoder):,} params"
+    )
+    return module
+
+
+def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> None:
+    train_dl, valid_dl = dataloader.get_dataloaders(cfg, tokenizer)
+    ckpt = None
+    path = cfg.checkpointing.resume_ckpt_path
+    if cfg.checkpointing.resume_from_ckpt and path and fsspec.url_to_fs(path)[0].exists(path):
+        ckpt = path
+        utils.print0(f"[vadd] resuming from {path}")
+    if trainer.is_global_zero:
+        os.makedirs(cfg.checkpointing.save_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(cfg.checkpointing.save_dir, "config.yaml"), resolve=True)
+    trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
+
+
+def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> dict:
+    load_for_eval(module, cfg.eval.checkpoint_path)
+    _, valid_dl = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
+    return evaluation.run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
+
+
+def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer) -> dict:
+    load_for_eval(module, cfg.eval.checkpoint_path)
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluation.run_sample_eval(cfg, module, tokenizer, cfg.eval.checkpoint_path)

@@ -1,0 +1,119 @@
+"""The command line: VADD/MDLM command lines compose, bad input fails fast with one line."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_PPL_EVAL = (
+    "mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16 data=lambada model=small "
+    "parameterization=subs backbone=dit model.length=1024 training.loss_type=vae "
+    "model.latentMLP=True model.latent1d=True model.latent_struc=adaln model.latent_dim=512 "
+    "decoder.mask_struc=adaln eval.checkpoint_path=/path/to/checkpoint.ckpt +eval.ppl_times=5"
+)
+SEED_SAMPLE = (
+    "mode=sample_eval data=openwebtext-split model=small parameterization=subs model.length=1024 "
+    "training.loss_type=vae model.latentMLP=True model.latent1d=True model.latent_struc=adaln "
+    "model.latent_dim=512 decoder.mask_struc=adaln sampling.predictor=vae sampling.steps=256 "
+    "sampling.fixz=True loader.eval_batch_size=8 sampling.num_sample_batches=4 "
+    "eval.checkpoint_path=/path/to/checkpoint.ckpt"
+)
+SEED_CACHE = (
+    "mode=sample_eval sampling.predictor=vae_cache sampling.steps=1024 "
+    "eval.checkpoint_path=/path/to/checkpoint.ckpt"
+)
+SEED_RESUME = (
+    "checkpointing.resume_from_ckpt=True checkpointing.resume_ckpt_path=/path/to/checkpoint.ckpt"
+)
+
+
+def run_main(args: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "main.py", *args, f"hydra.run.dir={tmp_path}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("line", [SEED_PPL_EVAL, SEED_SAMPLE, SEED_CACHE, SEED_RESUME])
+def test_seed_readme_command_lines_compose(line, tmp_path):
+    proc = run_main([*line.split(), "--cfg", "job"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "loss_type: vae" in proc.stdout
+
+
+def test_train_script_composes(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path)}
+    args = ["bash", "scripts/train_owt_vadd.sh", "16", "1024", "1", "1", "adaln", "adaln", "512"]
+    proc = subprocess.run(
+        [*args, "--cfg", "job"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "global_batch_size: 512" in proc.stdout and "batch_size: 16" in proc.stdout
+
+
+def test_eval_script_composes(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "16", "OUT_DIR": str(tmp_path)}
+    args = ["bash", "scripts/eval_owt_vadd.sh", "True", "/path/to/checkpoint.ckpt", "--cfg", "job"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fixz: true" in proc.stdout.lower() and "predictor: vae_cache" in proc.stdout
+
+
+BAD_INPUTS = [
+    (["training.loss_type=vea"], "training.loss_type='vea'", "did you mean training.loss_type=vae"),
+    (["training.foo=1"], "foo", "+training.foo"),
+    (["mode=ppl_eval"], "eval.checkpoint_path", "needs a trained model"),
+    (["training.num_particles=0"], "training.num_particles=0", ">= 1"),
+    (["training.kl_weighting=steps"], "T=0", "set T=<steps>"),
+    (["model.latent_dim=0"], "model.latent_dim=0", ">= 1"),
+    (["model.latentMLP=False"], "model.latentMLP=False", "model.latent_dim=64"),
+    (["model.n_heads=3"], "model.hidden_size=128", "n_heads=3"),
+    (
+        ["noise=loglinear", "noise.type=cosin"],
+        "noise.type='cosin'",
+        "did you mean noise.type=cosine",
+    ),
+    (
+        [
+            "mode=sample_eval",
+            "eval.checkpoint_path=x.ckpt",
+            "training.loss_type=mdlm",
+            "sampling.predictor=vae",
+        ],
+        "sampling.predictor=vae",
+        "ddpm_cache",
+    ),
+    (
+        [
+            "mode=sample_eval",
+            "eval.checkpoint_path=x.ckpt",
+            "sampling.predictor=ddpm",
+            "sampling.fixz=True",
+        ],
+        "sampling.fixz=True",
+        "sampling.predictor=vae",
+    ),
+    (["backbone=ar"], "backbone=ar", "parameterization=ar"),
+    (["training.init_kl_weight=2"], "training.init_kl_weight=2", "[0.0, 1.0]"),
+    (["loader.global_batch_size=30", "loader.batch_size=8"], "global_batch_size=30", "multiple"),
+    (
+        ["mode=ppl_eval", "eval.checkpoint_path=/nonexistent/x.ckpt"],
+        "/nonexistent/x.ckpt",
+        "does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,names,fix", BAD_INPUTS, ids=[" ".join(a[0]) for a in BAD_INPUTS])
+def test_bad_input_fails_fast_with_one_line(args, names, fix, tmp_path):
+    start = time.time()
+    proc = run_main(args, tmp_path, timeout=60)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert names in proc.stderr and fix in proc.stderr, proc.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    if "+training.foo" not in fix:  # our own errors are exactly one line
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr

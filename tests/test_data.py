@@ -1,0 +1,404 @@
+"""Tests of the data layer: tokenizers, shipped corpora, caching, offline failures."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import data_sources
+import dataloader
+import detokenizers
+from dataloader import DataUnavailableError, get_dataloaders, get_dataset, get_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+L = 64
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # Set after `datasets` was imported: the data layer must honour it anyway.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def data_cfg(name: str, cache_dir: Path, **overrides):
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    cfg.cache_dir = str(cache_dir)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def run_cfg(data, batch_size: int = 8, length: int = L):
+    return OmegaConf.create(
+        {
+            "data": data,
+            "model": {"length": length},
+            "loader": {
+                "batch_size": batch_size,
+                "eval_batch_size": batch_size,
+                "num_workers": 0,
+                "pin_memory": False,
+            },
+            "seed": 1,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def bible_cache(tmp_path_factory):
+    """One cache folder shared by the bible tests, so the BPE is trained once."""
+    return tmp_path_factory.mktemp("bible-cache")
+
+
+@pytest.fixture(scope="module")
+def bible(bible_cache):
+    cfg = data_cfg("bible", bible_cache)
+    return cfg, get_tokenizer(cfg)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return get_tokenizer(OmegaConf.create({"tokenizer_name_or_path": "gpt2"}))
+
+
+def write_corpus(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    paragraphs = [f"Paragraph {i} of the text file talks about topic {i}." for i in range(30)]
+    (folder / "a.txt").write_text("\n\n".join(paragraphs) + "\n")
+    lines = [f'{{"text": "JSON document number {i}."}}' for i in range(15)]
+    (folder / "b.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "ignored.csv").write_text("not,text\n")
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def test_gpt2_tokenizer_from_shipped_files(gpt2):
+    assert len(gpt2) == 50257
+    assert gpt2("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+    assert gpt2.bos_token_id == gpt2.eos_token_id == gpt2.pad_token_id == 50256
+    assert gpt2.pad_token_id != len(gpt2)  # mask id = len(tokenizer) = 50257
+
+
+def test_text8_tokenizer_is_character_level():
+    tok = get_tokenizer(OmegaConf.create({"tokenizer_name_or_path": "text8"}))
+    assert len(tok) == 31
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 11 and tok.decode(ids) == "hello world"
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)}) == 4
+
+
+def test_bert_tokenizer_or_fast_offline_error():
+    start = time.perf_counter()
+    cfg = OmegaConf.create({"tokenizer_name_or_path": "bert-base-uncased"})
+    try:
+        tok = get_tokenizer(cfg)
+    except DataUnavailableError as err:  # neither the shipped vocab nor a hub cache here
+        assert "bert-base-uncased" in str(err)
+    else:
+        assert len(tok) == 30522 and tok.pad_token_id != len(tok)
+        assert tok.bos_token == "[CLS]" and tok.eos_token == "[SEP]"
+    assert time.perf_counter() - start < 10
+
+
+def test_bpe_trained_on_train_split_and_cached(bible, bible_cache, monkeypatch):
+    cfg, tok = bible
+    assert len(tok) == 2048
+    assert [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id] == [0, 1, 2]
+    files = list((bible_cache / "tokenizers").glob("bible-bpe2048-*.json"))
+    assert len(files) == 1
+    # A second call must load the cached file, not train again.
+    monkeypatch.setattr(dataloader, "_train_bpe", lambda *a: pytest.fail("BPE retrained"))
+    again = get_tokenizer(cfg)
+    text = "In the beginning God created the heaven and the earth."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert tok.decode(ids) == text
+
+
+def test_bpe_sees_only_training_text(bible_cache, monkeypatch):
+    seen = []
+    original = dataloader._train_bpe
+
+    def spy(texts, vocab_size):
+        texts = list(texts)
+        seen.extend(texts)
+        return original(iter(texts), vocab_size)
+
+    monkeypatch.setattr(dataloader, "_train_bpe", spy)
+    get_tokenizer(data_cfg("bible", bible_cache / "fresh", tokenizer_name_or_path="bpe-300"))
+    chapters = data_sources.bible_chapters()
+    assert seen == [c for i, c in enumerate(chapters) if i % 20]
+
+
+# ---------------------------------------------------------------- the embedded bible
+
+
+def test_bible_chapters_split_disjoint():
+    chapters = data_sources.bible_chapters()
+    assert len(chapters) == 1189  # the KJV's chapter count
+    assert chapters[0].startswith("In the beginning God created")
+    train = data_sources.every_20th(chapters, "train")
+    valid = data_sources.every_20th(chapters, "validation")
+    assert len(valid) == 60 and len(train) == 1129
+    assert not set(train) & set(valid)
+
+
+def test_bible_wrapped_rows(bible):
+    cfg, tok = bible
+    train = get_dataset(cfg, tok, "train", L)
+    valid = get_dataset(cfg, tok, "validation", L)
+    assert len(train) > 10 * len(valid) > 0
+    for rows in (train, valid):
+        ids, mask = rows[:]["input_ids"], rows[:]["attention_mask"]
+        assert ids.dtype == mask.dtype == torch.long and ids.shape == (len(rows), L)
+        assert (ids[:, 0] == tok.bos_token_id).all() and (ids[:, -1] == tok.eos_token_id).all()
+        assert (mask == 1).all()
+        assert ids.max() < len(tok)  # never the mask id
+    # Documents are closed with EOS inside the stream: about one per chapter.
+    inner_eos = (train[:]["input_ids"][:, 1:-1] == tok.eos_token_id).sum()
+    assert 1000 < inner_eos <= 1129
+    assert train[0]["input_ids"].shape == (L,)
+
+
+def test_processed_cache_is_reused(bible, bible_cache, monkeypatch):
+    cfg, tok = bible
+    first = get_dataset(cfg, tok, "validation", L)
+    folders = list((bible_cache / "datasets").glob("bible_validation_*"))
+    assert len(folders) == 1 and not list((bible_cache / "datasets").glob("*.tmp-*"))
+    monkeypatch.setattr(dataloader, "_encode", lambda *a: pytest.fail("re-tokenised"))
+    second = get_dataset(cfg, get_tokenizer(cfg), "validation", L)  # a fresh tokenizer
+    assert torch.equal(first[:]["input_ids"], second[:]["input_ids"])
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, gpt2, monkeypatch):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataloader.datasets.Dataset, "save_to_disk", crash)
+    with pytest.raises(KeyboardInterrupt):
+        get_dataset(cfg, gpt2, "train", L)
+    assert not list((tmp_path / "cache" / "datasets").iterdir())
+    monkeypatch.undo()
+    assert len(get_dataset(cfg, gpt2, "train", L)) > 0
+
+
+def test_dataloaders_batches_and_seeded_shuffle(bible):
+    cfg, tok = bible
+    train, valid = get_dataloaders(run_cfg(cfg), tok)
+    batch = next(iter(train))
+    assert batch["input_ids"].shape == (8, L) and batch["attention_mask"].shape == (8, L)
+    assert len(train) == len(train.dataset) // 8  # drop_last
+    assert len(valid) == -(-len(valid.dataset) // 8)  # keeps the partial batch
+    again, _ = get_dataloaders(run_cfg(cfg), tok, skip_valid=True)
+    assert torch.equal(next(iter(again))["input_ids"], batch["input_ids"])
+    first_valid = next(iter(valid))["input_ids"]
+    assert torch.equal(first_valid, valid.dataset[:8]["input_ids"])  # not shuffled
+    assert get_dataloaders(run_cfg(cfg), tok, skip_train=True, skip_valid=True) == (None, None)
+
+
+def test_too_few_rows_for_a_batch(bible):
+    cfg, tok = bible
+    with pytest.raises(DataUnavailableError, match="bible.*loader.batch_size"):
+        get_dataloaders(run_cfg(cfg, batch_size=100_000), tok, skip_valid=True)
+
+
+def test_streaming_is_tokenised_lazily_and_not_cached(bible, tmp_path, monkeypatch):
+    cfg, tok = bible
+    bible_source = data_sources.SOURCES["bible"]
+
+    def load_streamed(data_cfg, split):  # what a hub source returns with streaming=True
+        return bible_source.load(data_cfg, split).to_iterable_dataset()
+
+    streamed = data_sources.Source(load_streamed, bible_source.fingerprint)
+    monkeypatch.setitem(data_sources.SOURCES, "bible", streamed)
+    cfg = data_cfg("bible", tmp_path, streaming=True)
+    train, valid = get_dataloaders(run_cfg(cfg), tok)
+    batch = next(iter(train))
+    assert batch["input_ids"].shape == (8, L) and batch["input_ids"].dtype == torch.long
+    assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()
+    assert sum(len(b["input_ids"]) for b in valid) == len(get_dataset(bible[0], tok, "valid", L))
+    assert not (tmp_path / "datasets").exists()
+
+
+# ---------------------------------------------------------------- local text
+
+
+def test_local_text_folder(tmp_path, gpt2):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+    documents = data_sources.local_documents(cfg)
+    assert len(documents) == 45  # 30 paragraphs + 15 JSON lines; the .csv is ignored
+    assert documents[0].startswith("Paragraph 0") and documents[-1] == "JSON document number 14."
+    valid = data_sources.SOURCES["local_text"].load(cfg, "validation")["text"]
+    assert list(valid) == documents[::20]
+    rows = get_dataset(cfg, gpt2, "train", 16)
+    assert rows[0]["input_ids"].shape == (16,) and rows[0]["input_ids"][0] == 50256
+
+
+def test_local_text_bpe_keyed_by_content(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+    get_tokenizer(cfg)
+    (tmp_path / "corpus" / "c.txt").write_text("A new file changes the training text.")
+    get_tokenizer(cfg)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("local_text-bpe2048-*"))) == 2
+
+
+def test_local_text_single_file_cut_95_5(tmp_path, gpt2):
+    (tmp_path / "one.txt").write_text(" ".join(f"word{i}" for i in range(2000)))
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "one.txt"))
+    train = data_sources.SOURCES["local_text"].load(cfg, "train")["text"][0]
+    valid = data_sources.SOURCES["local_text"].load(cfg, "validation")["text"][0]
+    assert train + valid == (tmp_path / "one.txt").read_text()
+    assert 0.04 < len(valid) / (len(train) + len(valid)) < 0.06
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_text_files", "blank", "unset"])
+def test_local_text_errors_name_the_path(tmp_path, gpt2, case):
+    path = tmp_path / "corpus"
+    if case != "missing":
+        path.mkdir()
+    if case == "no_text_files":
+        (path / "data.csv").write_text("a,b\n")
+    if case == "blank":
+        (path / "blank.txt").write_text("\n\n  \n")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=None if case == "unset" else str(path))
+    start = time.perf_counter()
+    with pytest.raises(DataUnavailableError) as err:
+        get_dataset(cfg, gpt2, "train", L)
+    assert time.perf_counter() - start < 5
+    assert "data.path" in str(err.value) and "\n" not in str(err.value)
+    if case != "unset":
+        assert str(path) in str(err.value)
+    if case == "missing":
+        assert "does not exist" in str(err.value)
+
+
+def test_unwrapped_rows_are_padded(tmp_path, gpt2):
+    corpus = tmp_path / "corpus.jsonl"
+    texts = ["Hello world"] * 19 + [" ".join(["long"] * 200)] * 21
+    corpus.write_text("\n".join(f'{{"text": "{t}"}}' for t in texts))
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(corpus), wrap=False)
+    rows = get_dataset(cfg, gpt2, "validation", 16)  # documents 0 and 20
+    short, long = rows[0], rows[1]
+    assert short["input_ids"][:4].tolist() == [50256, 15496, 995, 50256]
+    assert (short["input_ids"][4:] == gpt2.pad_token_id).all()
+    assert short["attention_mask"].tolist() == [1] * 4 + [0] * 12
+    # Long documents are truncated to BOS + 14 tokens + EOS.
+    assert long["attention_mask"].all() and long["input_ids"][-1] == gpt2.eos_token_id
+    assert long["input_ids"][1:-1].tolist() == gpt2(" ".join(["long"] * 14))["input_ids"]
+
+
+def test_unwrapped_padding_with_bpe_pad_id(bible):
+    cfg, tok = bible
+    flat, lengths = dataloader._encode(tok, ["And God said", "", "Let there be light"])
+    out = dataloader._pad(flat, lengths, 8, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert ids.shape == (3, 8) and ids[1, :3].tolist() == [0, 1, 2]  # empty: BOS EOS pad
+    assert ((ids == tok.pad_token_id) == (mask == 0)).all()
+
+
+# ---------------------------------------------------------------- hub datasets offline
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "lambada", "openwebtext-split"])
+def test_hub_dataset_offline_fails_fast(tmp_path, gpt2, name):
+    cfg = data_cfg(name, tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(DataUnavailableError) as err:
+        get_dataset(cfg, gpt2, "validation", L)
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert f"'{cfg.valid}'" in message and "OFFLINE=1" in message
+    assert "data.cache_dir" in message and "\n" not in message
+
+
+def test_hub_source_runs_through_the_same_pipeline(tmp_path, gpt2, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, config=None, split=None, **kwargs):
+        calls.append((path, config, split))
+        sentences = ["the company 's shares rose N %", "he did n't say"] * 50
+        return data_sources.datasets.Dataset.from_dict({"sentence": sentences, "id": [0] * 100})
+
+    monkeypatch.setattr(data_sources.datasets, "load_dataset", fake_load_dataset)
+    cfg = data_cfg("ptb", tmp_path, wrap=False)
+    rows = get_dataset(cfg, gpt2, "validation", 16)
+    assert calls == [("ptb-text-only/ptb_text_only", "penn_treebank", "validation")]
+    expected = gpt2("the company's shares rose 1 %", add_special_tokens=False)["input_ids"]
+    n = len(expected)
+    assert rows[0]["input_ids"][1 : n + 1].tolist() == expected  # detokenized first
+    get_dataset(cfg, gpt2, "validation", 16)
+    assert len(calls) == 1  # the processed copy is served from data.cache_dir
+
+
+def test_text8_source_split_and_rows(monkeypatch):
+    text = "".join("abcdefghij"[i % 10] for i in range(100_000))
+
+    def fake_load_dataset(path, **kwargs):
+        return data_sources.datasets.Dataset.from_dict({"text": [text]})
+
+    monkeypatch.setattr(data_sources.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data_sources, "TEXT8_SPLITS", (90_000, 95_000))
+    cfg = OmegaConf.load(CONFIGS / "text8.yaml")
+    train = data_sources.SOURCES["text8"].load(cfg, "train")["text"]
+    valid = data_sources.SOURCES["text8"].load(cfg, "validation")["text"]
+    assert "".join(train) == text[:90_000] and "".join(valid) == text[95_000:]
+    assert cfg.insert_train_eos is False and cfg.insert_valid_eos is False
+
+
+def test_unreachable_host_fails_fast(tmp_path, gpt2, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setattr(data_sources, "host_reachable", lambda host, timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(DataUnavailableError, match="ptb.*unreachable"):
+        get_dataset(data_cfg("ptb", tmp_path), gpt2, "train", L)
+    assert time.perf_counter() - start < 10
+
+
+def test_every_config_resolves():
+    names = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+    assert {"bible", "bible-gpt2", "local_text", "wikitext2", "text8", "lm1b"} <= set(names)
+    for name in names:
+        cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+        assert cfg.name == name and cfg.streaming is False
+        assert cfg.train in data_sources.SOURCES and cfg.valid in data_sources.SOURCES
+        name_or_path = cfg.tokenizer_name_or_path
+        assert name_or_path in dataloader.NAMED_TOKENIZERS or name_or_path.startswith("bpe-")
+        assert "vadd" in OmegaConf.to_container(cfg, resolve=True)["cache_dir"]
+
+
+# ---------------------------------------------------------------- detokenizers
+
+
+def test_wikitext_detokenizer():
+    text = (
+        " = = Early life = = \n The 1 @,@ 000 @-@ year war ( 1914 @.@ 5 ) was n't over , he said . "
+    )
+    assert detokenizers.wikitext(text) == (
+        " == Early life ==\nThe 1,000-year war (1914.5) was n't over, he said. "
+    )
+
+
+def test_ptb_detokenizer():
+    text = "the company 's <unk> did n't pay $ N million or N N shares \\/ year"
+    assert detokenizers.ptb(text) == ("the company's ? didn't pay $1 million or 1 1 shares / year")
+
+
+def test_lm1b_detokenizer():
+    text = 'He said " it is ( very ) good , really " and left . See http : / / x.com ?'
+    expected = 'He said "it is (very) good, really" and left. See http://x.com?'
+    assert detokenizers.lm1b(text) == expected
+
+
+def test_lambada_and_scientific_papers_detokenizers():
+    assert detokenizers.lambada("\u201cYes,\u201d she said. ") == '\n"Yes," she said.'
+    assert detokenizers.scientific_papers("a @xmath0 b , c ( d )") == "a @xmath0 b, c (d)"

@@ -1,0 +1,298 @@
+"""The maths of the objectives (losses.py), checked against independent derivations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+from noise_schedule import Cosine, LogLinear
+
+
+def normal_logpdf(x, mean, std):
+    log_std = torch.log(torch.as_tensor(std, dtype=torch.float64))
+    return -0.5 * ((x - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------------------- sample_t
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("micro,n_micro", [(4, 3), (1, 5), (8, 1)])
+def test_antithetic_t_is_stratified_over_the_global_batch(seed, micro, n_micro):
+    eps, global_n = 1e-3, micro * n_micro
+    parts = []
+    for j in range(n_micro):  # every rank / accumulation step seeds the generator alike
+        g = torch.Generator().manual_seed(seed)
+        parts.append(
+            losses.sample_t(
+                micro, eps=eps, antithetic=True, generator=g, offset=j * micro, global_n=global_n
+            )
+        )
+    t = torch.cat(parts).double()
+    assert t.shape == (global_n,)
+    assert ((t >= eps) & (t <= 1.0)).all()
+    width = (1.0 - eps) / global_n
+    strata = torch.floor((t - eps) / width).long().clamp(max=global_n - 1)
+    assert sorted(strata.tolist()) == list(range(global_n))  # exactly one t per stratum
+
+
+def test_antithetic_micro_batches_differ_without_offsets():
+    """Sanity of the test above: without offsets the micro-batches would collide."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = losses.sample_t(4, eps=1e-3, antithetic=True, generator=g1, offset=0, global_n=8)
+    b = losses.sample_t(4, eps=1e-3, antithetic=True, generator=g2, offset=4, global_n=8)
+    assert not torch.isclose(a[:, None], b[None, :]).any()
+
+
+def test_plain_t_in_range_and_roughly_uniform():
+    g = torch.Generator().manual_seed(0)
+    eps = 0.1
+    t = losses.sample_t(20000, eps=eps, antithetic=False, generator=g).double()
+    assert ((t >= eps) & (t <= 1.0)).all()
+    # Mean of U[eps, 1] is (1 + eps) / 2; standard error ~ 0.26 / sqrt(20000) = 0.0018.
+    assert abs(t.mean().item() - (1 + eps) / 2) < 0.01
+
+
+# ------------------------------------------------------------------------- discretize_t
+
+
+@pytest.mark.parametrize("T", [1, 4, 10])
+def test_discretize_t_maps_onto_the_grid(T):
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([torch.rand(1000, generator=g).clamp_min(1e-6), torch.tensor([1.0])])
+    d = losses.discretize_t(t, T)
+    k = d * T
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-5)  # on the grid
+    assert ((k.round() >= 1) & (k.round() <= T)).all()  # {1/T, ..., 1}
+    assert (d >= t - 1e-7).all() and (d - t < 1.0 / T + 1e-6).all()  # step covers (d-1/T, d]
+    assert d[-1].item() == 1.0
+
+
+def test_discretize_t_on_exact_grid_points():
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0, 0.2500001, 0.001])
+    expected = torch.tensor([0.25, 0.5, 0.75, 1.0, 0.5, 0.25])
+    assert torch.equal(losses.discretize_t(t, 4), expected)
+
+
+# --------------------------------------------------------------------------------- KL
+
+
+def test_kl_one_sample_is_log_r_minus_log_prior():
+    torch.manual_seed(0)
+    B, K, d = 3, 5, 4
+    mu, log_sigma = torch.randn(B, d, dtype=torch.float64), 0.5 * torch.randn(B, d).double()
+    z, eps = losses.reparameterize(mu, log_sigma, K)
+    assert z.shape == (B, K, d)
+    torch.testing.assert_close(z, mu[:, None] + log_sigma.exp()[:, None] * eps)
+    log_r = normal_logpdf(z, mu[:, None], log_sigma.exp()[:, None]).sum(-1)
+    log_p = normal_logpdf(z, 0.0, 1.0).sum(-1)
+    torch.testing.assert_close(losses.kl_one_sample(z, eps, log_sigma), log_r - log_p)
+
+
+def test_kl_one_sample_averages_to_closed_form():
+    """Mean over 200k draws within 5 standard errors (+1e-3) of KL(N(mu, s^2) || N(0, I))."""
+    torch.manual_seed(0)
+    B, K, d = 4, 200_000, 3
+    mu = torch.randn(B, d, dtype=torch.float64)
+    log_sigma = 0.4 * torch.randn(B, d, dtype=torch.float64)
+    z, eps = losses.reparameterize(mu, log_sigma, K)
+    kl = losses.kl_one_sample(z, eps, log_sigma)  # (B, K)
+    closed = losses.kl_closed_form(mu, log_sigma)
+    se = kl.std(1) / math.sqrt(K)
+    assert ((kl.mean(1) - closed).abs() < 5 * se + 1e-3).all(), (kl.mean(1), closed)
+    # Closed form checked independently with torch.distributions.
+    q = torch.distributions.Normal(mu, log_sigma.exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(closed, torch.distributions.kl_divergence(q, p).sum(-1))
+
+
+def test_kl_one_sample_per_position_latents_sum_over_positions():
+    torch.manual_seed(1)
+    B, K, L, d = 2, 3, 5, 2
+    mu, log_sigma = torch.randn(B, L, d).double(), 0.3 * torch.randn(B, L, d).double()
+    z, eps = losses.reparameterize(mu, log_sigma, K)
+    assert z.shape == (B, K, L, d)
+    log_r = normal_logpdf(z, mu[:, None], log_sigma.exp()[:, None]).sum((-1, -2))
+    log_p = normal_logpdf(z, 0.0, 1.0).sum((-1, -2))
+    torch.testing.assert_close(losses.kl_one_sample(z, eps, log_sigma), log_r - log_p)
+
+
+# ------------------------------------------------------------------------- KL annealing
+
+
+def test_kl_beta_linear_warmup_then_one():
+    init, interval = 0.2, 100
+    betas = [losses.kl_beta(s, "klweight", init, interval) for s in range(0, 301)]
+    assert betas[0] == pytest.approx(init)
+    assert betas[50] == pytest.approx(init + (1 - init) * 0.5)
+    assert betas[100] == pytest.approx(1.0)
+    diffs = [betas[i + 1] - betas[i] for i in range(100)]
+    assert all(dd == pytest.approx((1 - init) / interval) for dd in diffs)  # linear
+    assert all(b == 1.0 for b in betas[100:])  # capped at exactly 1
+
+
+def test_kl_beta_none_is_one():
+    for step in (0, 1, 10, 10_000):
+        assert losses.kl_beta(step, "none", 0.0, 1000) == 1.0
+
+
+# ------------------------------------------------------------------------------- IWAE
+
+
+def test_iwae_k1_is_the_delbo():
+    torch.manual_seed(0)
+    B = 6
+    recon = -5 * torch.rand(B, 1, dtype=torch.float64)
+    kl = torch.randn(B, 1, dtype=torch.float64)
+    lam_rec = 0.5 + torch.rand(B, dtype=torch.float64)
+    lam_kl = 0.5 + torch.rand(B, dtype=torch.float64)
+    for beta in (1.0, 0.3):
+        got = losses.iwae_delbo(recon, kl, lam_rec, lam_kl, beta)
+        expected = lam_rec * (-recon[:, 0]) + lam_kl * beta * kl[:, 0]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # Exactly representable weights: bit-exact.
+    lam = torch.full((B,), 2.0, dtype=torch.float64)
+    got = losses.iwae_delbo(recon, kl, lam, lam, 1.0)
+    assert torch.equal(got, 2.0 * (-recon[:, 0]) + 2.0 * kl[:, 0])
+
+
+def test_iwae_identical_particles_equal_single_particle():
+    torch.manual_seed(0)
+    recon, kl = -3 * torch.rand(4, 1), torch.randn(4, 1)
+    lam = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    one = losses.iwae_delbo(recon, kl, lam, lam)
+    many = losses.iwae_delbo(recon.expand(4, 8), kl.expand(4, 8), lam, lam)
+    torch.testing.assert_close(one, many)
+
+
+def test_iwae_is_numerically_stable_for_large_log_weights():
+    recon = torch.tensor([[-2000.0, -2001.0, -5000.0]])
+    kl = torch.zeros(1, 3)
+    one = torch.ones(1)
+    loss = losses.iwae_delbo(recon, kl, one, one)
+    expected = -(2000.0 - math.log(1 + math.exp(-1.0)) + math.log(3.0))
+    assert torch.isfinite(loss).all()
+    assert loss.item() == pytest.approx(-expected, rel=1e-6)
+
+
+def test_iwae_bound_tightens_with_particles_on_linear_gaussian():
+    """p(z) = N(0,1), p(x|z) = N(x; z, 1) so log p(x) = log N(x; 0, 2).
+
+    Deliberately imperfect r(z|x) = N(0.2 x, 0.6^2) (the posterior is N(x/2, 1/2)).
+    -loss is the IWAE bound; its mean over many draws must increase with K and stay
+    below log p(x). Gaps: K=1 ~ KL(r || posterior) = 0.33 nats; standard errors ~ 0.003.
+    """
+    torch.manual_seed(0)
+    x, draws = 1.5, 40_000
+    mu = torch.full((draws, 1), 0.2 * x, dtype=torch.float64)
+    log_sigma = torch.full((draws, 1), math.log(0.6), dtype=torch.float64)
+    one = torch.ones(draws, dtype=torch.float64)
+    means = {}
+    for K in (1, 4, 16):
+        z, eps = losses.reparameterize(mu, log_sigma, K)  # (draws, K, 1)
+        recon = normal_logpdf(torch.tensor(x), z, 1.0).sum(-1)  # log p(x | z_k)
+        kl = losses.kl_one_sample(z, eps, log_sigma)  # log r - log p(z)
+        bound = -losses.iwae_delbo(recon, kl, one, one)
+        means[K] = bound.mean().item()
+        if K == 1:  # analytic ELBO: E_r[log p(x|z)] - KL(r || p)
+            m, s = 0.2 * x, 0.6
+            elbo = (-0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)) - (
+                0.5 * (m**2 + s**2 - 1 - 2 * math.log(s))
+            )
+            se = bound.std().item() / math.sqrt(draws)
+            assert abs(means[1] - elbo) < 5 * se
+    log_px = normal_logpdf(x, 0.0, math.sqrt(2.0))
+    assert means[1] + 0.05 < means[4] < means[16] < log_px, (means, log_px)
+    assert log_px - means[16] < log_px - means[1]
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def test_steps_weighting_t1_is_a_plain_vae_elbo():
+    noise = LogLinear()
+    t = losses.discretize_t(torch.tensor([0.3, 0.9, 1.0]), 1)
+    assert torch.equal(t, torch.ones(3))
+    lam_rec, lam_kl = losses.loss_weights(t, noise, "steps", 1)
+    assert torch.equal(lam_rec, torch.ones(3))
+    assert torch.equal(lam_kl, torch.ones(3))
+    recon, kl = torch.tensor([[-3.0], [-1.0], [-7.5]]), torch.tensor([[0.5], [2.0], [0.25]])
+    loss = losses.iwae_delbo(recon, kl, lam_rec, lam_kl, 1.0)
+    assert torch.equal(loss, -recon[:, 0] + kl[:, 0])  # recon + KL exactly
+
+
+@pytest.mark.parametrize("noise", [LogLinear(), Cosine()])
+def test_steps_weighting_general_T(noise):
+    T = 4
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    lam_rec, lam_kl = losses.loss_weights(t, noise, "steps", T)
+    s = t - 1.0 / T
+    expected = T * (noise.alpha(s) - noise.alpha(t)) / (1 - noise.alpha(t))
+    torch.testing.assert_close(lam_rec, expected)
+    assert lam_rec[0].item() == pytest.approx(T)  # last step reveals everything
+    assert torch.equal(lam_kl, torch.full_like(t, float(T)))
+
+
+@pytest.mark.parametrize("noise", [LogLinear(), Cosine()])
+def test_time_weighting_is_the_continuous_weight(noise):
+    t = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
+    lam_rec, lam_kl = losses.loss_weights(t, noise, "time", 0)
+    torch.testing.assert_close(lam_rec, noise.loss_weight(t))
+    torch.testing.assert_close(lam_kl, noise.loss_weight(t))
+    if isinstance(noise, LogLinear):
+        torch.testing.assert_close(lam_rec, 1.0 / t)
+
+
+# ----------------------------------------------------------------- SUBS log-likelihood
+
+
+def test_masked_token_logp_ignores_mask_and_padding_logits():
+    torch.manual_seed(0)
+    N, V, extra = 10, 6, 3
+    logits = torch.randn(N, V + extra)
+    targets = torch.randint(0, V, (N,))
+    got = losses.masked_token_logp(logits, targets, V)
+    expected = torch.log_softmax(logits[:, :V], -1)[torch.arange(N), targets]
+    torch.testing.assert_close(got, expected)
+    assert got.dtype == torch.float32
+    huge = logits.clone()
+    huge[:, V:] = 1e4  # the [MASK] / padding logits must not compete
+    torch.testing.assert_close(losses.masked_token_logp(huge, targets, V), expected)
+    bf = losses.masked_token_logp(logits.bfloat16(), targets, V)
+    assert bf.dtype == torch.float32
+    torch.testing.assert_close(bf, expected, rtol=0.05, atol=0.05)
+
+
+def test_uniform_prediction_gives_log_v_per_token():
+    """Spec sanity invariant: uniform predictions over V tokens cost log V per token."""
+    V = 50
+    logits = torch.zeros(7, V + 1)
+    logits[:, V] = 3.0  # mask logit
+    logp = losses.masked_token_logp(logits, torch.randint(0, V, (7,)), V)
+    torch.testing.assert_close(logp, torch.full((7,), -math.log(V)))
+
+
+def test_scatter_rows_and_mask_tokens():
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    out = losses.scatter_rows(torch.tensor([1.0, 2.0, 3.0]), mask)
+    assert torch.equal(out, torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]]))
+    torch.manual_seed(0)
+    x0 = torch.randint(0, 5, (4, 5000))
+    t = torch.tensor([0.1, 0.5, 0.9, 1.0])
+    noise = LogLinear()
+    xt = losses.mask_tokens(x0, t, noise, mask_id=5)
+    masked = xt == 5
+    assert torch.equal(xt[~masked], x0[~masked])
+    frac = masked.double().mean(1)
+    # Binomial standard error <= 0.5 / sqrt(5000) = 0.007.
+    torch.testing.assert_close(frac, noise.mask_prob(t).double(), rtol=0, atol=0.035)
+
+
+def test_masked_token_logp_gradient_flows_only_to_real_logits():
+    logits = torch.randn(4, 6, requires_grad=True)
+    losses.masked_token_logp(logits, torch.tensor([0, 1, 2, 3]), 5).sum().backward()
+    assert torch.equal(logits.grad[:, 5], torch.zeros(4))
+    expected = F.one_hot(torch.tensor([0, 1, 2, 3]), 5) - torch.softmax(logits[:, :5], -1)
+    torch.testing.assert_close(logits.grad[:, :5], expected.detach())

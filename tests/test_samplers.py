@@ -1,0 +1,312 @@
+"""Samplers: ancestral masked diffusion (ddpm / vae, with and without cache) and AR decoding."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import samplers
+from models.dit import GenDIT
+from noise_schedule import LogLinear
+
+V = 5  # real tokens 0..4
+MASK = V
+
+
+def fixed_logits_denoiser(table):
+    """Logits that depend only on the position: table (L, V_out)."""
+
+    def denoise(xt, sigma, z, out_mask):
+        assert out_mask.shape == xt.shape
+        return table.expand(xt.shape[0], *table.shape)[out_mask]
+
+    return denoise
+
+
+def all_mask(b, length):
+    return torch.full((b, length), MASK, dtype=torch.long)
+
+
+def run(denoise, x_init, seed=0, **kwargs):
+    kwargs.setdefault("steps", 8)
+    g = torch.Generator().manual_seed(seed)
+    return samplers.sample_masked(
+        denoise, x_init, mask_id=MASK, vocab_size=V, noise=LogLinear(), generator=g, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_fixed_logits_leave_no_mask_and_never_emit_the_mask(cache):
+    torch.manual_seed(0)
+    table = torch.randn(6, V + 1)
+    table[:, V] = 50.0  # the [MASK] logit is the largest but must never be sampled
+    x, stats = run(fixed_logits_denoiser(table), all_mask(4, 6), cache=cache, steps=3)
+    assert not (x == MASK).any()
+    assert ((x >= 0) & (x < V)).all()
+    assert stats.network_calls >= 1
+
+
+def test_one_hot_denoiser_gives_all_k():
+    for k in range(V):
+        table = torch.zeros(7, V + 1)
+        table[:, k] = 1e4
+        table[:, V] = 2e4
+        x, _ = run(fixed_logits_denoiser(table), all_mask(3, 7), steps=5, seed=k)
+        assert torch.equal(x, torch.full_like(x, k))
+
+
+def test_one_step_samples_follow_the_softmax():
+    """steps=1 from t=1 to eps reveals (almost) everything by Gumbel-max from the logits.
+
+    Per position, token frequencies over 20k sequences match softmax(logits[:V]) within
+    5 binomial standard errors + 2e-3 (the ~1e-5 fraction left for the argmax step).
+    """
+    torch.manual_seed(1)
+    table = torch.randn(3, V + 1)
+    x, _ = run(fixed_logits_denoiser(table), all_mask(20_000, 3), steps=1)
+    p = torch.softmax(table[:, :V].double(), -1)  # (L, V)
+    freq = torch.stack([torch.bincount(x[:, pos], minlength=V) for pos in range(3)]).double()
+    freq /= x.shape[0]
+    tol = 5 * (p * (1 - p) / x.shape[0]).sqrt() + 2e-3
+    assert ((freq - p).abs() < tol).all(), (freq, p)
+
+
+def test_reveal_fraction_follows_the_reverse_process():
+    """First step 1 -> s reveals each masked position w.p. (alpha_s - alpha_1)/(1 - alpha_1)."""
+    calls = []
+
+    def denoise(xt, sigma, z, out_mask):
+        calls.append(out_mask.clone())
+        return torch.zeros(int(out_mask.sum()), V + 1)
+
+    steps, eps = 4, 1e-5
+    run(denoise, all_mask(100, 40), steps=steps, eps=eps)
+    grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
+    expected = LogLinear().unmask_prob(grid[0], grid[1]).item()
+    frac = calls[0].double().mean().item()
+    se = math.sqrt(expected * (1 - expected) / 4000)
+    assert abs(frac - expected) < 5 * se, (frac, expected)
+    # Second step: among the still-masked positions.
+    still = ~calls[0]
+    frac2 = calls[1][still].double().mean().item()
+    expected2 = LogLinear().unmask_prob(grid[1], grid[2]).item()
+    se2 = math.sqrt(expected2 * (1 - expected2) / int(still.sum()))
+    assert abs(frac2 - expected2) < 5 * se2, (frac2, expected2)
+
+
+def test_mdlm_sampling_passes_no_latent():
+    seen = []
+
+    def denoise(xt, sigma, z, out_mask):
+        seen.append(z)
+        return torch.zeros(int(out_mask.sum()), V + 1)
+
+    run(denoise, all_mask(2, 4), steps=3, latent=None)
+    assert seen and all(z is None for z in seen)
+
+
+# ------------------------------------------------------------------ conditional sampling
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_unmasked_positions_are_never_changed(cache):
+    torch.manual_seed(2)
+    B, Lx = 6, 12
+    fixed = torch.zeros(Lx, dtype=torch.bool)
+    fixed[:2] = fixed[5:7] = fixed[-2:] = True  # prefix, interior span, suffix
+    x_init = all_mask(B, Lx)
+    x_init[:, fixed] = torch.randint(0, V, (B, int(fixed.sum())))
+    masks = []
+
+    def denoise(xt, sigma, z, out_mask):
+        masks.append(out_mask.clone())
+        logits = torch.randn(int(out_mask.sum()), V + 1)
+        logits[:, V] = 100.0
+        return logits
+
+    latent = lambda n: torch.randn(n, 4)  # noqa: E731
+    x, _ = run(denoise, x_init, steps=6, cache=cache, latent=latent, fixz=False)
+    assert torch.equal(x[:, fixed], x_init[:, fixed])
+    assert not (x == MASK).any()
+    assert all(not (m & fixed).any() for m in masks)  # never even asked about them
+    assert torch.equal(x_init[:, ~fixed], all_mask(B, int((~fixed).sum())))  # input untouched
+
+
+# -------------------------------------------------------------------------- latent z
+
+
+def tagged_latent(counter):
+    """z (n, 3): column 0 is the row index (a tag to follow rows), the rest is random."""
+
+    def latent(n):
+        counter.append(n)
+        z = torch.randn(n, 3)
+        z[:, 0] = torch.arange(n, dtype=torch.float32)
+        return z
+
+    return latent
+
+
+@pytest.mark.parametrize("fixz", [True, False])
+def test_fixz_uses_one_z_per_sequence_for_the_whole_chain(fixz):
+    torch.manual_seed(3)
+    B, Lx, steps = 4, 8, 3
+    recorded, draws = [], []
+
+    def denoise(xt, sigma, z, out_mask):
+        recorded.append(z.clone())
+        return torch.randn(int(out_mask.sum()), V + 1)
+
+    # eps = 0.3 leaves ~30% masked for the final greedy step, which must use the same z.
+    x, _ = run(
+        denoise, all_mask(B, Lx), steps=steps, eps=0.3, latent=tagged_latent(draws), fixz=fixz
+    )
+    assert not (x == MASK).any()
+    assert len(recorded) == steps + 1  # every step plus the final noise-removal step
+    first = recorded[0]
+    assert torch.equal(first[:, 0], torch.arange(B, dtype=torch.float32))
+    if fixz:
+        assert draws == [B]  # drawn once
+        for z in recorded:
+            rows = z[:, 0].long()
+            assert torch.equal(z[:, 1:], first[rows, 1:])
+    else:
+        assert len(draws) == steps + 1  # redrawn at every step
+        for prev, cur in zip(recorded[:-1], recorded[1:], strict=True):
+            rows = cur[:, 0].long()
+            lookup = {int(r): i for i, r in enumerate(prev[:, 0].long())}
+            for j, r in enumerate(rows.tolist()):
+                if r in lookup:
+                    assert not torch.equal(cur[j, 1:], prev[lookup[r], 1:])
+
+
+def gendit_denoiser(seed=0):
+    cfg = OmegaConf.create(
+        dict(
+            hidden_size=16,
+            cond_dim=8,
+            n_heads=2,
+            n_blocks=1,
+            length=8,
+            dropout=0.0,
+            latent_dim=4,
+            latentMLP=True,
+            latent1d=True,
+            latent_struc="adaln",
+        )
+    )
+    torch.manual_seed(seed)
+    net = GenDIT(cfg, V + 1).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+
+    def denoise(xt, sigma, z, out_mask):
+        return net(xt, sigma, z=z, out_mask=out_mask)
+
+    return net, denoise
+
+
+def test_randomised_gendit_depends_on_z():
+    net, _ = gendit_denoiser()
+    x = torch.randint(0, V + 1, (2, 8))
+    with torch.no_grad():
+        a = net(x, torch.zeros(2), z=torch.randn(2, 4))
+        b = net(x, torch.zeros(2), z=torch.randn(2, 4))
+    assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fixz", [True, False])
+def test_cache_gives_identical_tokens_with_fewer_row_evaluations(fixz):
+    _, denoise = gendit_denoiser(seed=4)
+    outs = {}
+    for cache in (False, True):
+        gz = torch.Generator().manual_seed(123)
+        latent = lambda n, gz=gz: torch.randn(n, 4, generator=gz)  # noqa: E731
+        outs[cache] = run(
+            denoise, all_mask(4, 8), seed=7, steps=32, cache=cache, latent=latent, fixz=fixz
+        )
+    (x_nc, s_nc), (x_c, s_c) = outs[False], outs[True]
+    assert torch.equal(x_nc, x_c)
+    assert not (x_c == MASK).any()
+    assert s_c.row_evals < s_nc.row_evals
+    assert 4 * 32 <= s_nc.row_evals <= 4 * 33  # no cache: every row at every step (+ final)
+    assert s_c.as_dict(4)["nfe_per_sequence"] == s_c.row_evals / 4
+
+
+def test_different_seeds_give_different_samples():
+    _, denoise = gendit_denoiser(seed=5)
+    latent = lambda n: torch.randn(n, 4)  # noqa: E731
+    a, _ = run(denoise, all_mask(4, 8), seed=1, latent=latent)
+    b, _ = run(denoise, all_mask(4, 8), seed=2, latent=latent)
+    assert not torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------- gumbel_argmax
+
+
+def test_gumbel_argmax_frequencies_match_softmax():
+    """200k draws: each frequency within 5 binomial standard errors (+1e-4) of softmax."""
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, -3.0], dtype=torch.float64)
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    idx = samplers.gumbel_argmax(logits.expand(n, -1), generator=g, chunk=4096)
+    assert idx.dtype == torch.long
+    freq = torch.bincount(idx, minlength=5).double() / n
+    p = torch.softmax(logits, -1)
+    tol = 5 * (p * (1 - p) / n).sqrt() + 1e-4
+    assert ((freq - p).abs() < tol).all(), (freq, p)
+
+
+def test_gumbel_argmax_uses_float64_noise():
+    """The result equals argmax(logits + Gumbel) with float64 uniforms from the generator.
+
+    Logit gaps of 1e-12 are invisible in float32, so only a float64 computation can match.
+    """
+    torch.manual_seed(0)
+    base = torch.randn(50, 1, dtype=torch.float64)
+    logits = base + 1e-12 * torch.arange(6, dtype=torch.float64)  # nearly tied rows
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    got = samplers.gumbel_argmax(logits, generator=g1)
+    u = torch.rand(logits.shape, generator=g2, dtype=torch.float64)
+    expected = (logits - torch.log(-torch.log(u))).argmax(-1)
+    assert torch.equal(got, expected)
+    g3 = torch.Generator().manual_seed(9)
+    got32 = samplers.gumbel_argmax(logits.float(), generator=g3)
+    assert torch.equal(got32, (logits.float().double() - torch.log(-torch.log(u))).argmax(-1))
+
+
+# ------------------------------------------------------------------------ autoregressive
+
+
+def test_sample_autoregressive_follows_a_deterministic_rule():
+    bos, length = 2, 9
+
+    def logits_fn(prefix):
+        b, i = prefix.shape
+        logits = torch.zeros(b, i, V + 1)
+        nxt = (prefix + 1) % V
+        logits.scatter_(2, nxt[..., None], 50.0)
+        logits[..., V] = 100.0  # excluded: only the first vocab_size logits compete
+        return logits
+
+    g = torch.Generator().manual_seed(0)
+    x = samplers.sample_autoregressive(logits_fn, 3, length, bos_id=bos, vocab_size=V, generator=g)
+    expected = (bos + torch.arange(length)) % V
+    assert torch.equal(x, expected.expand(3, -1))
+
+
+def test_sample_autoregressive_sees_the_growing_prefix():
+    lengths = []
+
+    def logits_fn(prefix):
+        lengths.append(prefix.shape[1])
+        return torch.zeros(prefix.shape[0], prefix.shape[1], V + 1)
+
+    x = samplers.sample_autoregressive(logits_fn, 2, 5, bos_id=0, vocab_size=V)
+    assert lengths == [1, 2, 3, 4]
+    assert (x[:, 0] == 0).all() and ((x >= 0) & (x < V)).all()
