@@ -121,7 +121,8 @@ def _check_vae(cfg):
     m = cfg.model
     if not isinstance(m.latent_dim, int) or m.latent_dim <= 0:
         raise ConfigError(
-            f"model.latent_dim={m.latent_dim!r} must be a positive integer for loss_type=vae"
+            f"model.latent_dim={m.latent_dim!r} must be a positive integer for "
+            "training.loss_type=vae (the paper uses model.latent_dim=512)"
         )
     if not m.latentMLP and m.latent_dim != m.cond_dim:
         raise ConfigError(

@@ -26,11 +26,16 @@ class Rotary(nn.Module):
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+            self._cache = self._build(seq_len, device)
+        return self._cache[2], self._cache[3]
+
+    @torch.inference_mode(False)  # a cache built during evaluation must serve training too
+    def _build(self, seq_len: int, device: torch.device):
+        with torch.no_grad():
             t = torch.arange(seq_len, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)  # (L, head_dim)
-            self._cache = (seq_len, device, emb.cos(), emb.sin())
-        return self._cache[2], self._cache[3]
+            return (seq_len, device, emb.cos(), emb.sin())
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

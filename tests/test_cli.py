@@ -33,7 +33,7 @@ SEED_RESUME = (
 
 def run_main(args: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "main.py", *args, f"hydra.run.dir={tmp_path}"]
+    cmd = [sys.executable, "main.py", f"hydra.run.dir={tmp_path}", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,8 +68,12 @@ BAD_INPUTS = [
     (["mode=ppl_eval"], "eval.checkpoint_path", "needs a trained model"),
     (["training.num_particles=0"], "training.num_particles=0", ">= 1"),
     (["training.kl_weighting=steps"], "T=0", "set T=<steps>"),
-    (["model.latent_dim=0"], "model.latent_dim=0", ">= 1"),
-    (["model.latentMLP=False"], "model.latentMLP=False", "model.latent_dim=64"),
+    (["model.latent_dim=0"], "model.latent_dim=0", "positive integer"),
+    (
+        ["model.latentMLP=False", "model.latent_dim=32"],
+        "model.latentMLP=False",
+        "model.latent_dim=64",
+    ),
     (["model.n_heads=3"], "model.hidden_size=128", "n_heads=3"),
     (
         ["noise=loglinear", "noise.type=cosin"],
@@ -115,5 +119,17 @@ def test_bad_input_fails_fast_with_one_line(args, names, fix, tmp_path):
     assert proc.returncode != 0
     assert names in proc.stderr and fix in proc.stderr, proc.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
-    if "+training.foo" not in fix:  # our own errors are exactly one line
-        assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "+training.foo" not in fix:  # our own errors: exactly one line, prefixed "error:"
+        assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+            proc.stderr.strip().splitlines()[-1]
+        ], proc.stderr
+
+
+def test_empty_local_text_folder_fails_fast(tmp_path):
+    empty = tmp_path / "corpus"
+    empty.mkdir()
+    start = time.time()
+    proc = run_main(["data=local_text", f"data.path={empty}"], tmp_path / "run", timeout=60)
+    assert proc.returncode == 2 and time.time() - start < 10
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.path={empty}")

@@ -1,0 +1,277 @@
+"""Whole jobs on the embedded corpus: train -> ppl_eval -> sample_eval, and the module's loops."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import dataloader
+import runner
+from evaluation import run_ppl_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.length=64",
+    "model.hidden_size=64",
+    "model.cond_dim=32",
+    "model.n_blocks=2",
+    "model.latent_dim=16",
+    "decoder.hidden_size=32",
+    "decoder.cond_dim=32",
+    "decoder.n_heads=2",
+    "decoder.n_blocks=1",
+    "loader.global_batch_size=8",
+    "loader.eval_batch_size=16",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=False",
+    "trainer.enable_model_summary=False",
+]
+
+
+def make_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=[
+                *TINY,
+                f"checkpointing.save_dir={tmp_path}",
+                f"eval.output_dir={tmp_path}",
+                f"data.cache_dir={os.environ.get('VADD_CACHE_DIR', tmp_path / 'cache')}",
+                *overrides,
+            ],
+        )
+    return cfg
+
+
+def build(cfg, logger=False):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=cfg.trainer.max_steps,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=cfg.trainer.val_check_interval,
+    )
+    runner.derive_batch_sizes(cfg, 1)
+    tokenizer = dataloader.get_tokenizer(cfg.data)
+    return trainer, runner.build_module(cfg, tokenizer), tokenizer
+
+
+def validate(trainer, module, cfg, tokenizer, draws=1):
+    _, valid = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
+    module.eval_draws = draws
+    trainer.validate(module, dataloaders=valid, verbose=False)
+    return dict(module.results)
+
+
+@pytest.mark.parametrize("loss_type", ["vae", "mdlm"])
+def test_untrained_perplexity_is_vocabulary_size(tmp_path, loss_type):
+    """Uniform predictions: NELBO per token = (1 - eps) log V, so PPL = V^(1 - eps) ~ V.
+
+    The estimate's only noise is the number of masked tokens weighted by 1/t (relative
+    variance ~ log(1/eps) / tokens); 12 draws over the whole validation split (~58k
+    tokens) put 5% at more than 3 standard deviations.
+    """
+    cfg = make_cfg(
+        tmp_path,
+        f"training.loss_type={loss_type}",
+        "model.length=128",
+        "trainer.limit_val_batches=1.0",
+        "loader.eval_batch_size=64",
+    )
+    trainer, module, tokenizer = build(cfg)
+    results = validate(trainer, module, cfg, tokenizer, draws=12)
+    vocab = module.vocab.size
+    assert abs(results["ppl"] - vocab) / vocab < 0.05, (results["ppl"], vocab)
+    if loss_type == "vae":  # the zero-init encoder equals the prior: KL is exactly 0
+        assert abs(results["kl"]) < 1e-6
+        assert abs(results["prior_ppl"] - vocab) / vocab < 0.05
+
+
+def test_short_training_lowers_validation_nll(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_steps=40", "trainer.val_check_interval=1000")
+    trainer, module, tokenizer = build(cfg)
+    before = validate(trainer, module, cfg, tokenizer)["nll"]
+    train_dl, valid_dl = dataloader.get_dataloaders(cfg, tokenizer)
+    trainer.fit(module, train_dl)
+    after = validate(trainer, module, cfg, tokenizer)["nll"]
+    assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("loss_type", ["vae", "mdlm"])
+def test_ema_is_swapped_in_for_validation_and_restored(tmp_path, loss_type):
+    cfg = make_cfg(tmp_path, f"training.loss_type={loss_type}", "trainer.max_steps=3")
+    trainer, module, tokenizer = build(cfg)
+    train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+    trainer.fit(module, train_dl)
+    live = [p.detach().clone() for p in module.trainable_parameters()]
+    assert any(not torch.equal(a, s) for a, s in zip(live, module.ema.shadow, strict=True))
+    ema_nll = validate(trainer, module, cfg, tokenizer)["nll"]
+    assert all(torch.equal(a, p) for a, p in zip(live, module.trainable_parameters(), strict=True))
+    module.cfg.eval.disable_ema = True
+    raw_nll = validate(trainer, module, cfg, tokenizer)["nll"]
+    assert ema_nll != raw_nll
+
+
+def test_encoder_training_times_updates_only_the_encoder(tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "training.encoder_training_times=3",
+        "trainer.max_steps=1",
+        "training.ema=0",
+        "training.loss_strategy=none",  # beta = 1: the KL term gives the encoder a gradient
+    )
+    trainer, module, tokenizer = build(cfg)
+    train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+    calls = []
+    original = module._encoder_only_step
+
+    def spy(batch, t, beta):
+        dec = [p.detach().clone() for p in module.backbone.parameters()]
+        enc = [p.detach().clone() for p in module.encoder.parameters()]
+        original(batch, t, beta)
+        dec_same = all(
+            torch.equal(a, p) for a, p in zip(dec, module.backbone.parameters(), strict=True)
+        )
+        enc_moved = any(
+            not torch.equal(a, p) for a, p in zip(enc, module.encoder.parameters(), strict=True)
+        )
+        calls.append((dec_same, enc_moved))
+
+    module._encoder_only_step = spy
+    trainer.fit(module, train_dl)
+    assert len(calls) == 2  # n - 1 extra steps
+    assert all(dec_same and enc_moved for dec_same, enc_moved in calls), calls
+    assert trainer.global_step == 1  # extra steps do not count as training steps
+
+
+def test_ppl_eval_iwae_reports_bound_and_particles(tmp_path):
+    cfg = make_cfg(tmp_path, "eval.num_particles=4")
+    trainer, module, tokenizer = build(cfg)
+    _, valid = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
+    results = run_ppl_eval(cfg, module, trainer, valid, "untrained")
+    saved = json.loads((tmp_path / "ppl_eval.json").read_text())
+    assert saved["num_particles"] == 4 and "IWAE-DELBO (K=4)" in saved["bound"]
+    assert math.isclose(saved["ppl"], results["ppl"])
+
+
+def _run(args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "main.py", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*TINY, "training.kl_weight_interval=10", "training.init_kl_weight=0.2"]
+    _run(
+        [
+            f"hydra.run.dir={run_dir}",
+            *common,
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "trainer.log_every_n_steps=1",
+        ]
+    )
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    betas = [float(r["train/beta"]) for r in rows if r.get("train/beta")]
+    assert betas[0] == pytest.approx(0.2) and betas[-1] == 1.0
+    assert all(b2 >= b1 for b1, b2 in zip(betas, betas[1:], strict=False))
+    assert betas.count(1.0) >= 9  # reached 1 at step 10 and stayed there
+    assert any(r.get("val/nll") for r in rows)
+
+    eval_dir = tmp_path / "eval"
+    _run(
+        [
+            f"hydra.run.dir={eval_dir}",
+            *common,
+            "mode=ppl_eval",
+            f"eval.checkpoint_path={ckpt}",
+            "+eval.ppl_times=2",
+        ]
+    )
+    ppl = json.loads((eval_dir / "ppl_eval.json").read_text())
+    assert ppl["bound"].startswith("negative DELBO") and ppl["weights"] == "EMA"
+    assert len(ppl["ppl_per_draw"]) == 2 and ppl["ppl"] < 2048
+
+    for fixz in ("True", "False"):
+        _run(
+            [
+                f"hydra.run.dir={eval_dir}",
+                *common,
+                "mode=sample_eval",
+                f"eval.checkpoint_path={ckpt}",
+                f"sampling.fixz={fixz}",
+                "sampling.steps=8",
+                "loader.eval_batch_size=3",
+            ]
+        )
+        out = json.loads((eval_dir / f"samples_vae_T8_fixz{fixz}.json").read_text())
+        assert out["num_samples"] == 3 and out["fixz"] == (fixz == "True")
+        assert all(len(ids) == 64 for ids in out["token_ids"])
+        assert all(max(ids) < 2048 for ids in out["token_ids"])  # no [MASK] left
+        assert (eval_dir / f"samples_vae_T8_fixz{fixz}.txt").exists()
+
+
+def test_checkpoint_for_another_vocabulary_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    _run([f"hydra.run.dir={run_dir}", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = [
+        sys.executable,
+        "main.py",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        *TINY,
+        "mode=ppl_eval",
+        "data=bible-gpt2",
+        f"eval.checkpoint_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    ]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "2048" in proc.stderr and "50257" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,predictor",
+    [(["training.loss_type=mdlm"], "ddpm_cache"), (["backbone=ar", "parameterization=ar"], "ar")],
+)
+def test_baselines_train_and_sample(tmp_path, overrides, predictor):
+    cfg = make_cfg(tmp_path, *overrides, "trainer.max_steps=3")
+    trainer, module, tokenizer = build(cfg)
+    train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+    trainer.fit(module, train_dl)
+    assert module.encoder is None
+    from generation import generate
+
+    x, stats = generate(module, num_samples=2, predictor=predictor, steps=4, length=16)
+    assert x.shape == (2, 16) and int(x.max()) < module.vocab.size
+
+
+def test_steps_weighting_with_one_step_is_recon_plus_kl(tmp_path):
+    """kl_weighting=steps, T=1: the loss is exactly -log p(x0 | x1, z) + KL (a VAE ELBO)."""
+    cfg = make_cfg(tmp_path, "training.kl_weighting=steps", "T=1")
+    _, module, _ = build(cfg)
+    torch.manual_seed(0)
+    for p in module.parameters():  # leave the zero-init start so KL and recon are non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    x0 = torch.randint(0, module.vocab.size, (4, 64))
+    out = module.compute_loss({"input_ids": x0}, torch.rand(4), beta=1.0, num_particles=1)
+    assert (out.stats["kl"].abs() > 0).all()
+    torch.testing.assert_close(out.per_seq, out.stats["recon"] + out.stats["kl"])
