@@ -38,7 +38,7 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str
     if missing:
         hint = (
             " (a model without encoder: set training.loss_type=mdlm?)"
-            if missing[0].startswith("encoder.")
+            if any(k.startswith("encoder.") for k in missing)
             else ""
         )
         raise CheckpointError(
@@ -48,7 +48,7 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str
     if unexpected:
         hint = (
             " (a VADD checkpoint: set training.loss_type=vae?)"
-            if unexpected[0].startswith("encoder.")
+            if any(k.startswith("encoder.") for k in unexpected)
             else ""
         )
         raise CheckpointError(
@@ -64,9 +64,8 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str
             )
 
 
-def load_for_eval(module, path: str) -> dict:
-    """Load weights (and EMA) of a training checkpoint into `module`; return the checkpoint."""
-    ckpt = read_checkpoint(path)
+def load_for_eval(module, ckpt: dict, path: str) -> None:
+    """Load the weights (and EMA) of a checkpoint read by `read_checkpoint` into `module`."""
     saved_vocab = ckpt.get("vadd", {}).get("vocab")
     if saved_vocab and saved_vocab["size"] != module.vocab.size:
         raise CheckpointError(
@@ -77,4 +76,3 @@ def load_for_eval(module, path: str) -> dict:
     check_compatible(module, ckpt["state_dict"], path)
     module.load_state_dict(ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)
-    return ckpt

@@ -214,6 +214,27 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return _digest([hashlib.sha1(backend.to_str().encode()).hexdigest(), ids])
 
 
+def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict | None:
+    """What a checkpoint stores so evaluation tokenises exactly as training did."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token")}
+    return {
+        "name": tokenizer.name_or_path,
+        "json": backend.to_str(),
+        "specials": {k: str(v) for k, v in specials.items()},
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase:
+    tokenizer = Tokenizer.from_str(state["json"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, name_or_path=state["name"], **state["specials"]
+    )
+
+
 # ---------------------------------------------------------------- datasets
 
 

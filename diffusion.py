@@ -45,9 +45,10 @@ class Vocab:
 
 
 class Diffusion(L.LightningModule):
-    def __init__(self, cfg: DictConfig, vocab: Vocab):
+    def __init__(self, cfg: DictConfig, vocab: Vocab, tokenizer_state: dict | None = None):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
+        self.tokenizer_state = tokenizer_state  # saved in checkpoints for evaluation
         self.loss_type = "ar" if cfg.backbone == "ar" else cfg.training.loss_type
         self.backbone, self.encoder = build_networks(cfg, vocab.model_size)
         self.spec = objectives.DiffusionSpec(
@@ -220,6 +221,7 @@ class Diffusion(L.LightningModule):
         checkpoint["vadd"] = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "vocab": self.vocab.__dict__,
+            "tokenizer": self.tokenizer_state,
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()

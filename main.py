@@ -28,18 +28,22 @@ def run(cfg: DictConfig) -> None:
 
     import dataloader
     import runner
+    from checkpoints import read_checkpoint
 
     trainer = runner.build_trainer(cfg)
     runner.derive_batch_sizes(cfg, trainer.num_devices * trainer.num_nodes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = dataloader.get_tokenizer(cfg.data)
-    module = runner.build_module(cfg, tokenizer)
     if cfg.mode == "train":
-        runner.train(cfg, trainer, module, tokenizer)
-    elif cfg.mode == "ppl_eval":
-        runner.ppl_eval(cfg, trainer, module, tokenizer)
+        runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer)
+        return
+    ckpt = read_checkpoint(cfg.eval.checkpoint_path)
+    tokenizer = runner.eval_tokenizer(ckpt, tokenizer)
+    module = runner.build_module(cfg, tokenizer)
+    if cfg.mode == "ppl_eval":
+        runner.ppl_eval(cfg, trainer, module, tokenizer, ckpt)
     else:
-        runner.sample_eval(cfg, module, tokenizer)
+        runner.sample_eval(cfg, module, tokenizer, ckpt)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,24 @@ def derive_batch_sizes(cfg: DictConfig, world: int) -> None:
             cfg.trainer.accumulate_grad_batches = accumulate
 
 
+def eval_tokenizer(ckpt: dict, tokenizer):
+    """Evaluation tokenises with the checkpoint's own tokenizer when it stores one.
+
+    A BPE trained on one corpus and another trained on the evaluation corpus can have the
+    same size but different ids; scoring with the wrong one would be silently wrong.
+    """
+    state = ckpt.get("vadd", {}).get("tokenizer")
+    if state is None or state["fingerprint"] == dataloader.tokenizer_fingerprint(tokenizer):
+        return tokenizer
+    utils.print0(
+        f"[vadd] using the checkpoint's tokenizer ({state['name']}), not the data config's"
+    )
+    return dataloader.tokenizer_from_state(state)
+
+
 def build_module(cfg: DictConfig, tokenizer) -> Diffusion:
-    module = Diffusion(cfg, Vocab.from_tokenizer(tokenizer))
+    state = dataloader.tokenizer_state(tokenizer)
+    module = Diffusion(cfg, Vocab.from_tokenizer(tokenizer), state)
     utils.print0(
         f"[vadd] vocab {module.vocab.size} (+1 mask) | "
         f"backbone {count_parameters(module.backbone):,} params | "
@@ -105,13 +121,13 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> 
     trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
 
 
-def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> dict:
-    load_for_eval(module, cfg.eval.checkpoint_path)
+def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, ckpt) -> dict:
+    load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
     _, valid_dl = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
     return evaluation.run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
 
 
-def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer) -> dict:
-    load_for_eval(module, cfg.eval.checkpoint_path)
+def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt) -> dict:
+    load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
     return evaluation.run_sample_eval(cfg, module, tokenizer, cfg.eval.checkpoint_path)

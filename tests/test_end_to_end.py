@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 import dataloader
 import runner
+from checkpoints import CheckpointError, load_for_eval, read_checkpoint
 from evaluation import run_ppl_eval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,22 +231,43 @@ def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
         assert (eval_dir / f"samples_vae_T8_fixz{fixz}.txt").exists()
 
 
-def test_checkpoint_for_another_vocabulary_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    _run([f"hydra.run.dir={run_dir}", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = [
-        sys.executable,
-        "main.py",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-        *TINY,
-        "mode=ppl_eval",
-        "data=bible-gpt2",
-        f"eval.checkpoint_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-    ]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "2048" in proc.stderr and "50257" in proc.stderr
+def test_checkpoint_for_another_vocabulary_or_size_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_steps=1")
+    trainer, module, tokenizer = build(cfg)
+    trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = read_checkpoint(str(path))
+    assert ckpt["vadd"]["tokenizer"]["fingerprint"] == dataloader.tokenizer_fingerprint(tokenizer)
+
+    other = build(make_cfg(tmp_path, "data=bible-gpt2"))[1]
+    with pytest.raises(CheckpointError, match="2048 tokens.*gives 50257"):
+        load_for_eval(other, ckpt, str(path))
+    narrow = build(make_cfg(tmp_path, "model.hidden_size=32"))[1]
+    with pytest.raises(CheckpointError, match=r"\(2049, 64\) in the checkpoint but \(2049, 32\)"):
+        load_for_eval(narrow, ckpt, str(path))
+    mdlm = build(make_cfg(tmp_path, "training.loss_type=mdlm"))[1]
+    with pytest.raises(CheckpointError, match="set training.loss_type=vae"):
+        load_for_eval(mdlm, ckpt, str(path))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_checkpoint(str(path))
+
+
+def test_evaluation_uses_the_checkpoints_tokenizer(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_steps=1")
+    trainer, module, tokenizer = build(cfg)
+    ckpt = {"vadd": {"tokenizer": dataloader.tokenizer_state(tokenizer)}}
+    gpt2 = dataloader.get_tokenizer(make_cfg(tmp_path, "data=bible-gpt2").data)
+    chosen = runner.eval_tokenizer(ckpt, gpt2)
+    text = "In the beginning God created the heaven and the earth."
+    assert len(chosen) == len(tokenizer) == 2048
+    assert chosen.encode(text) == tokenizer.encode(text) != gpt2.encode(text)
 
 
 @pytest.mark.parametrize(
