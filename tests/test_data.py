@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 import data_sources
 import dataloader
 import detokenizers
+import tokenization
 from dataloader import DataUnavailableError, get_dataloaders, get_dataset, get_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -111,7 +112,7 @@ def test_bpe_trained_on_train_split_and_cached(bible, bible_cache, monkeypatch):
     files = list((bible_cache / "tokenizers").glob("bible-bpe2048-*.json"))
     assert len(files) == 1
     # A second call must load the cached file, not train again.
-    monkeypatch.setattr(dataloader, "_train_bpe", lambda *a: pytest.fail("BPE retrained"))
+    monkeypatch.setattr(tokenization, "_train_bpe", lambda *a: pytest.fail("BPE retrained"))
     again = get_tokenizer(cfg)
     text = "In the beginning God created the heaven and the earth."
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -121,14 +122,14 @@ def test_bpe_trained_on_train_split_and_cached(bible, bible_cache, monkeypatch):
 
 def test_bpe_sees_only_training_text(bible_cache, monkeypatch):
     seen = []
-    original = dataloader._train_bpe
+    original = tokenization._train_bpe
 
     def spy(texts, vocab_size):
         texts = list(texts)
         seen.extend(texts)
         return original(iter(texts), vocab_size)
 
-    monkeypatch.setattr(dataloader, "_train_bpe", spy)
+    monkeypatch.setattr(tokenization, "_train_bpe", spy)
     get_tokenizer(data_cfg("bible", bible_cache / "fresh", tokenizer_name_or_path="bpe-300"))
     chapters = data_sources.bible_chapters()
     assert seen == [c for i, c in enumerate(chapters) if i % 20]

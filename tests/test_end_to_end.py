@@ -297,3 +297,17 @@ def test_steps_weighting_with_one_step_is_recon_plus_kl(tmp_path):
     out = module.compute_loss({"input_ids": x0}, torch.rand(4), beta=1.0, num_particles=1)
     assert (out.stats["kl"].abs() > 0).all()
     torch.testing.assert_close(out.per_seq, out.stats["recon"] + out.stats["kl"])
+
+
+def test_wandb_logger_is_optional_and_offline_safe(tmp_path):
+    cfg = make_cfg(
+        tmp_path, "logger=wandb", "wandb.mode=disabled", "trainer.max_steps=2", "trainer.devices=1"
+    )
+    trainer = runner.build_trainer(cfg)
+    assert type(trainer.logger).__name__ == "WandbLogger"
+    runner.derive_batch_sizes(cfg, 1)
+    tokenizer = dataloader.get_tokenizer(cfg.data)
+    module = runner.build_module(cfg, tokenizer)
+    trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
+    assert trainer.global_step == 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
