@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from data_cache import PIPELINE_VERSION, cache_path, digest, exists, is_local, slug
+from data_order import ResumableSampler
 from data_sources import DataUnavailableError, get_source
 from tokenization import (  # noqa: F401  (re-exported: the data API lives here)
     MAP_BATCH_DOCS,
@@ -258,12 +259,15 @@ def _loader(cfg: DictConfig, dataset, split: str) -> DataLoader:
     elif train:
         dataset = dataset.shuffle(seed=int(cfg.seed), buffer_size=10_000)
     num_workers = int(cfg.loader.num_workers)
-    shuffle = train and not streamed
+    sampler = None
+    if not streamed:  # seeded, sharded over ranks, resumable mid-epoch (data_order.py)
+        sampler = ResumableSampler(len(dataset), seed=int(cfg.seed), shuffle=train, drop_last=train)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(int(cfg.seed)) if shuffle else None,
+        sampler=sampler,
+        # Its own generator: creating an iterator must not draw from the global RNG.
+        generator=torch.Generator().manual_seed(int(cfg.seed)),
         drop_last=train,
         num_workers=num_workers,
         pin_memory=bool(cfg.loader.pin_memory) and torch.cuda.is_available(),  # else a warning

@@ -67,6 +67,9 @@ class Diffusion(L.LightningModule):
         self.automatic_optimization = False
         self._val_sums: dict[str, torch.Tensor] = {}
         self.results: dict = {}
+        self._micro = 0  # micro-batch index inside the current accumulation window
+        self._rows_seen = 0  # rows of this rank's shard consumed in the current epoch
+        self._resume_state: dict | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         nets = [self.backbone] + ([self.encoder] if self.encoder is not None else [])
@@ -108,7 +111,8 @@ class Diffusion(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         opt, sched = self.optimizers(), self.lr_schedulers()
-        micro = batch_idx % self.accumulate
+        micro = self._micro  # position inside the accumulation window (0 after a resume)
+        self._rows_seen += len(batch["input_ids"])
         seed = self.cfg.seed * 1_000_003 + self.global_step
         beta = self.beta()
         if micro == 0 and self.encoder is not None:
@@ -121,7 +125,8 @@ class Diffusion(L.LightningModule):
             self.cfg.training.num_particles,
         )  # fmt: skip
         self.manual_backward(out.loss / self.accumulate)
-        if micro == self.accumulate - 1:
+        self._micro = (micro + 1) % self.accumulate
+        if self._micro == 0:
             self._clip(opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -225,10 +230,46 @@ class Diffusion(L.LightningModule):
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self._trainer is not None and self.trainer.training:
+            checkpoint["resume"] = self._resume_checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        self._resume_state = checkpoint.get("resume")
+
+    # ---------------------------------------------------------------- exact resume
+    # A checkpoint carries the data position and every RNG state, so a resumed run
+    # draws the same rows, masks, t and z as the uninterrupted one would have.
+    def _train_sampler(self):
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        sampler = getattr(loader, "sampler", None)
+        return sampler if hasattr(sampler, "load_state_dict") else None
+
+    def on_train_epoch_start(self):
+        if self._resume_state is None:
+            self._rows_seen = 0
+
+    def on_train_start(self):
+        state, self._resume_state = self._resume_state, None
+        if state is None:
+            return
+        sampler = self._train_sampler()
+        if sampler is not None and "data" in state:
+            sampler.load_state_dict(state["data"])
+            self._rows_seen = int(state["data"]["start"])
+        utils.set_rng_state(state["rng"][min(self.global_rank, len(state["rng"]) - 1)])
+
+    def _resume_checkpoint_state(self) -> dict:
+        rng = [utils.get_rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rng = [None] * torch.distributed.get_world_size()  # every rank has its own streams
+            torch.distributed.all_gather_object(rng, utils.get_rng_state())
+        state = {"rng": rng}
+        sampler = self._train_sampler()
+        if sampler is not None:
+            state["data"] = sampler.state_dict(consumed=self._rows_seen)
+        return state
 
 
 def _key_mask(batch) -> torch.Tensor | None:

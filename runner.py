@@ -35,6 +35,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         callbacks=callbacks,
         logger=_logger(cfg) if cfg.mode == "train" else False,
         default_root_dir=cfg.checkpointing.save_dir,
+        use_distributed_sampler=False,  # data_order.ResumableSampler shards by rank itself
     )
 
 
