@@ -8,6 +8,7 @@ generation.py), data (dataloader.py).
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,9 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 import losses
 import objectives
 import utils
+from errors import VaddError
 from models import build_networks
 from models.ema import ExponentialMovingAverage
 from noise_schedule import get_noise
+
+
+class NonFiniteLossError(VaddError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class Diffusion(L.LightningModule):
             batch, self.draw_t(len(batch["input_ids"]), seed, micro), beta,
             self.cfg.training.num_particles,
         )  # fmt: skip
+        if self.cfg.training.check_finite:
+            self._check_finite(out.loss, batch)
         self.manual_backward(out.loss / self.accumulate)
         self._micro = (micro + 1) % self.accumulate
         if self._micro == 0:
@@ -135,6 +143,19 @@ class Diffusion(L.LightningModule):
                 self.ema.update(self.trainable_parameters())
         self._log_train(out, beta, sched)
         return out.loss.detach()
+
+    def _check_finite(self, loss, batch):
+        """Stop at a NaN/inf loss, before it reaches the weights; keep the batch to inspect."""
+        if torch.isfinite(loss):
+            return
+        path = os.path.join(
+            self.cfg.checkpointing.save_dir, f"nonfinite_batch_step{self.global_step}.pt"
+        )
+        torch.save({k: v.cpu() for k, v in batch.items()}, path)
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} at step {self.global_step} (rank {self.global_rank}); "
+            f"the batch is saved in {path}: lower optim.lr, check the data, or use bf16 not fp16"
+        )
 
     def _encoder_only_step(self, batch, t, beta):
         """One extra optimiser step of the encoder alone (`encoder_training_times` > 1).

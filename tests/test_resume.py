@@ -105,3 +105,58 @@ def test_sampler_resumes_mid_epoch_and_new_epochs_reshuffle():
     assert list(sampler) == full  # the position applies to one pass only
     sampler.set_epoch(3)
     assert sorted(sampler) == sorted(full) and list(sampler) != full
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        command(run, "trainer.max_steps=100000"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step=3.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    time.sleep(0.5)  # a few more steps
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] >= 3 and "resume" in ckpt and "ema" in ckpt
+
+
+def test_keeps_only_the_newest_periodic_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps.every_n_train_steps=2"]
+    subprocess.run(
+        command(run, *args, "checkpointing.keep_last=2"),
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert names == ["best.ckpt", "last.ckpt", "step=10.ckpt", "step=12.ckpt"]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_saves_the_batch(tmp_path, monkeypatch):
+    from diffusion import NonFiniteLossError
+    from test_end_to_end import build, dataloader, make_cfg
+
+    cfg = make_cfg(tmp_path, "trainer.max_steps=5")
+    trainer, module, tokenizer = build(cfg)
+    original = module.compute_loss
+
+    def poisoned(batch, t, beta=1.0, num_particles=1):
+        out = original(batch, t, beta, num_particles)
+        if module.global_step == 2:
+            out.per_seq = out.per_seq * float("nan")
+        return out
+
+    monkeypatch.setattr(module, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 2") as err:
+        trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
+    saved = torch.load(tmp_path / "nonfinite_batch_step2.pt")
+    assert saved["input_ids"].shape == (8, 64) and str(tmp_path) in str(err.value)

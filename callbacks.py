@@ -1,0 +1,27 @@
+"""Small Lightning callbacks of our own."""
+
+import os
+import signal
+
+from lightning.pytorch.callbacks import Callback
+
+
+class SaveOnInterrupt(Callback):
+    """On pre-emption or a crash, write `<dirpath>/last.ckpt` so the run can resume.
+
+    Lightning handles SIGTERM itself: it finishes the current step and raises
+    SIGTERMException (a clean exit), which reaches `on_exception` here. SIGUSR1 (the usual
+    pre-emption warning of clusters) is turned into SIGTERM, unless Lightning's SLURM
+    auto-requeue already owns it. (Lightning's OnExceptionCheckpoint deletes its file at
+    the end of a successful run, so it cannot share last.ckpt with the periodic saves.)
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last"):
+        self.path = os.path.join(dirpath, f"{filename}.ckpt")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
