@@ -142,8 +142,9 @@ def test_keeps_only_the_newest_periodic_checkpoints(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_saves_the_batch(tmp_path, monkeypatch):
-    from diffusion import NonFiniteLossError
     from test_end_to_end import build, dataloader, make_cfg
+
+    from diffusion import NonFiniteLossError
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=5")
     trainer, module, tokenizer = build(cfg)
