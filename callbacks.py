@@ -6,8 +6,10 @@ import signal
 from lightning.pytorch.callbacks import Callback
 
 
-class SaveOnInterrupt(Callback):
-    """On pre-emption or a crash, write `<dirpath>/last.ckpt` so the run can resume.
+class SafetyCheckpoint(Callback):
+    """Write `<dirpath>/last.ckpt` at the end of training (unless the newest save already
+    holds the final step) and on pre-emption or a crash, so no finished or interrupted
+    run loses its weights.
 
     Lightning handles SIGTERM itself: it finishes the current step and raises
     SIGTERMException (a clean exit), which reaches `on_exception` here. SIGUSR1 (the usual
@@ -18,6 +20,14 @@ class SaveOnInterrupt(Callback):
 
     def __init__(self, dirpath: str, filename: str = "last"):
         self.path = os.path.join(dirpath, f"{filename}.ckpt")
+        self.saved_step = -1
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):

@@ -29,7 +29,8 @@ CHOICES = {
     "noise.type": ["loglinear", "linear", "cosine", "geometric"],
     "lr_scheduler.name": ["constant_warmup", "cosine_decay_warmup"],
     "strategy.name": ["auto", "ddp", "fsdp"],
-    "sampling.predictor": ["auto", "vae", "vae_cache", "ddpm", "ddpm_cache", "ar"],
+    "sampling.predictor": ["auto", "vae", "vae_cache", "ddpm", "ddpm_cache", "any_order", "ar"],
+    "sampling.order": ["left_to_right", "random"],
     "logger": ["csv", "wandb", "none"],
     "wandb.mode": ["offline", "online", "disabled"],
     "trainer.precision": [
@@ -61,6 +62,7 @@ RANGES = {
     "eval.num_particles": (1, None, True),
     "sampling.steps": (1, None, True),
     "sampling.num_sample_batches": (0, None, True),
+    "sampling.top_k": (0, None, True),
     "loader.global_batch_size": (1, None, True),
     "loader.num_workers": (0, None, True),
     "optim.lr": (0.0, None, False),
@@ -75,7 +77,15 @@ def validate_config(cfg: DictConfig) -> None:
         _check_choice(cfg, key, allowed)
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
-    for rule in (_check_backbone, _check_vae, _check_model_shape, _check_sampling, _check_eval):
+    rules = (
+        _check_backbone,
+        _check_vae,
+        _check_model_shape,
+        _check_sampling_keys,
+        _check_sampling,
+        _check_eval,
+    )
+    for rule in rules:
         rule(cfg)
 
 
@@ -172,6 +182,29 @@ def resolve_predictor(cfg: DictConfig) -> str:
     return "vae" if cfg.training.loss_type == "vae" else "ddpm_cache"
 
 
+def _check_sampling_keys(cfg):
+    """top_p and the conditioning texts, in every mode (the keys are cheap to check)."""
+    top_p = _get(cfg, "sampling.top_p")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ConfigError(
+            f"sampling.top_p={top_p!r} must be a number in (0, 1]: "
+            "1.0 turns nucleus sampling off, e.g. sampling.top_p=0.9 keeps 90% of the mass"
+        )
+    for key in ("prefix", "suffix", "template"):
+        value = _get(cfg, f"sampling.{key}")
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(
+                f"sampling.{key}={value!r} must be text or null: quote it on the command line, "
+                f"e.g. 'sampling.{key}=\"{value}\"'"
+            )
+    s = cfg.sampling
+    if s.template and (s.prefix or s.suffix):
+        raise ConfigError(
+            "sampling.template is set together with sampling.prefix/suffix: "
+            "write the prefix and suffix into the template and drop them"
+        )
+
+
 def _check_sampling(cfg):
     if cfg.mode != "sample_eval":
         return
@@ -181,13 +214,19 @@ def _check_sampling(cfg):
             f"sampling.predictor={s.predictor} samples z, which needs training.loss_type=vae: "
             "for an MDLM model use sampling.predictor=ddpm_cache"
         )
+    if s.predictor == "any_order" and cfg.backbone != "dit":
+        raise ConfigError(
+            f"sampling.predictor=any_order needs a masked-diffusion model (backbone=dit, got "
+            f"backbone={cfg.backbone}): use sampling.predictor=ar"
+        )
     if s.predictor == "ar" and cfg.backbone != "ar":
         raise ConfigError("sampling.predictor=ar needs backbone=ar: use ddpm_cache or vae_cache")
     if cfg.backbone == "ar" and s.predictor != "ar" and cfg.mode == "sample_eval":
         raise ConfigError(
             f"backbone=ar samples left to right: set sampling.predictor=ar (got {s.predictor})"
         )
-    if s.fixz is not None and not s.predictor.startswith("vae"):
+    samples_z = s.predictor == "any_order" and cfg.training.loss_type == "vae"
+    if s.fixz is not None and not (s.predictor.startswith("vae") or samples_z):
         raise ConfigError(
             f"sampling.fixz={s.fixz} only applies to the vae samplers (got "
             f"sampling.predictor={s.predictor}): drop sampling.fixz or use sampling.predictor=vae"

@@ -103,16 +103,34 @@ class Diffusion(L.LightningModule):
         )
         return t.to(self.device)
 
-    def compute_loss(self, batch, t, beta=1.0, num_particles=1) -> objectives.LossOutput:
+    def global_draws(self, n: int, length: int, seed: int, micro: int) -> objectives.Draws:
+        """Mask uniforms (and latent noise) for the whole global batch, drawn from the step's
+        seed on this device, sliced to this micro-batch: the same rows get the same noise
+        whatever the number of devices or accumulation steps."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        rows = n * world * self.accumulate
+        first = (micro * world + rank) * n
+        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        mask_u = torch.rand((rows, length), generator=gen, device=self.device)[first : first + n]
+        z_eps = None
+        if self.loss_type == "vae" and self.cfg.model.latent1d:  # per-position z: local draws
+            shape = (rows, self.cfg.training.num_particles, self.cfg.model.latent_dim)
+            z_eps = torch.randn(shape, generator=gen, device=self.device)[first : first + n]
+        return objectives.Draws(mask_u, z_eps)
+
+    def compute_loss(
+        self, batch, t, beta=1.0, num_particles=1, draws=None
+    ) -> objectives.LossOutput:
         x0, key_mask = batch["input_ids"], _key_mask(batch)
         if self.loss_type == "ar":
             return objectives.ar_loss(self.backbone, x0, key_mask, self.spec)
         if self.loss_type == "vae":
             return objectives.vae_loss(
                 self.backbone, self.encoder, x0, key_mask, t, self.spec,
-                beta=beta, num_particles=num_particles,
+                beta=beta, num_particles=num_particles, draws=draws,
             )  # fmt: skip
-        return objectives.mdlm_loss(self.backbone, x0, key_mask, t, self.spec)
+        return objectives.mdlm_loss(self.backbone, x0, key_mask, t, self.spec, draws)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -121,15 +139,12 @@ class Diffusion(L.LightningModule):
         self._rows_seen += len(batch["input_ids"])
         seed = self.cfg.seed * 1_000_003 + self.global_step
         beta = self.beta()
+        n, length = batch["input_ids"].shape
+        t, draws = self.draw_t(n, seed, micro), self.global_draws(n, length, seed, micro)
         if micro == 0 and self.encoder is not None:
             for _ in range(self.cfg.training.encoder_training_times - 1):
-                self._encoder_only_step(
-                    batch, self.draw_t(len(batch["input_ids"]), seed, micro), beta
-                )
-        out = self.compute_loss(
-            batch, self.draw_t(len(batch["input_ids"]), seed, micro), beta,
-            self.cfg.training.num_particles,
-        )  # fmt: skip
+                self._encoder_only_step(batch, t, beta, draws)
+        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws)
         if self.cfg.training.check_finite:
             self._check_finite(out.loss, batch)
         self.manual_backward(out.loss / self.accumulate)
@@ -157,14 +172,14 @@ class Diffusion(L.LightningModule):
             f"the batch is saved in {path}: lower optim.lr, check the data, or use bf16 not fp16"
         )
 
-    def _encoder_only_step(self, batch, t, beta):
+    def _encoder_only_step(self, batch, t, beta, draws=None):
         """One extra optimiser step of the encoder alone (`encoder_training_times` > 1).
 
         Uses the raw optimizer so Lightning's global step (max_steps, annealing) counts
         joint steps only; AdamW skips the decoder, whose gradients are set to None.
         """
         opt = self.optimizers()
-        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles)
+        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws)
         self.manual_backward(out.loss)
         for p in self.backbone.parameters():
             p.grad = None
@@ -237,7 +252,7 @@ class Diffusion(L.LightningModule):
         self.results = utils.summarise_eval(sums, self.eval_draws)
         if not self.trainer.sanity_checking:
             logged = {f"val/{k}": v for k, v in self.results.items() if isinstance(v, float)}
-            self.log_dict(logged, rank_zero_only=True, batch_size=1)
+            self.log_dict(logged, sync_dist=True, batch_size=1)  # equal on every rank
         if self.ema is not None:
             self.ema.restore(self.trainable_parameters())
         utils.set_rng_state(self._rng_state)

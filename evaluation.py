@@ -4,18 +4,17 @@ Both write JSON next to the run (eval.output_dir) that names the protocol, so a 
 can always be traced to the bound, weights and draws it came from.
 """
 
-import math
 import time
-from collections import Counter
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import gen_ppl
 import utils
 from config_check import resolve_predictor
 from diffusion import Diffusion
-from generation import generate
+from generation import conditioning_from_config, generate
 
 
 def bound_name(cfg: DictConfig, num_particles: int) -> str:
@@ -59,53 +58,79 @@ def run_ppl_eval(
     return results
 
 
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Mean over samples of the entropy (nats) of each sample's token histogram."""
-    values = []
-    for row in tokens.tolist():
-        counts = Counter(row).values()
-        n = sum(counts)
-        values.append(-sum(c / n * math.log(c / n) for c in counts))
-    return sum(values) / max(len(values), 1)
+def draw_samples(cfg: DictConfig, module: Diffusion, predictor: str, fixz: bool, x_init):
+    """num_sample_batches x eval_batch_size samples -> tokens (N, L), mean NFE per sequence."""
+    sp, batch = cfg.sampling, int(cfg.loader.eval_batch_size)
+    gen = torch.Generator(device=module.device).manual_seed(int(sp.seed))
+    x_init = None if x_init is None else x_init.repeat(batch, 1)  # the same for every row
+    tokens, nfe = [], []
+    for _ in range(sp.num_sample_batches):
+        x, stats = generate(
+            module, num_samples=batch, predictor=predictor, steps=sp.steps, fixz=fixz,
+            generator=gen, x_init=x_init, top_k=sp.top_k, top_p=sp.top_p, order=sp.order,
+        )  # fmt: skip
+        tokens.append(x.cpu())
+        nfe.append(stats["nfe_per_sequence"])
+    tokens = torch.cat(tokens) if tokens else torch.empty(0, 0, dtype=torch.long)
+    return tokens, sum(nfe) / max(len(nfe), 1)
+
+
+def score_samples(cfg: DictConfig, tokens: torch.Tensor, tokenizer, device) -> dict:
+    """Unigram entropy, and gen-PPL under the judge LM when eval.compute_generative_perplexity.
+
+    Each sample is cut at its first EOS (text after it is not scored) and re-tokenised
+    with the judge's own tokenizer; every sample counts, whatever the judge batch size.
+    """
+    ids = gen_ppl.truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    scores = {"unigram_entropy": gen_ppl.unigram_entropy(ids) if len(ids) else None}
+    if cfg.eval.compute_generative_perplexity and len(ids):
+        judge = gen_ppl.load_judge(cfg.eval.gen_ppl_eval_model_name_or_path, device)
+        texts = tokenizer.batch_decode(ids)
+        result = gen_ppl.generative_perplexity(texts, judge, int(cfg.eval.perplexity_batch_size))
+        scores["gen_ppl"] = result.pop("gen_ppl")
+        scores["gen_ppl_details"] = result
+    return scores
+
+
+def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditional: bool) -> str:
+    any_order = predictor == "any_order"  # one position per call: sampling.steps is ignored
+    tag = f"any_order_{cfg.sampling.order}" if any_order else f"{predictor}_T{cfg.sampling.steps}"
+    return tag + (f"_fixz{fixz}" if fixz is not None else "") + ("_cond" if conditional else "")
 
 
 def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: str) -> dict:
-    predictor = resolve_predictor(cfg)
-    fixz = True if cfg.sampling.fixz is None else bool(cfg.sampling.fixz)
-    batch = int(cfg.loader.eval_batch_size)
-    gen = torch.Generator(device=module.device).manual_seed(int(cfg.sampling.seed))
-    all_tokens, stats, start = [], [], time.time()
-    for _ in range(cfg.sampling.num_sample_batches):
-        x, s = generate(
-            module, num_samples=batch, predictor=predictor, steps=cfg.sampling.steps,
-            fixz=fixz, generator=gen,
-        )  # fmt: skip
-        all_tokens.append(x.cpu())
-        stats.append(s)
-    tokens = torch.cat(all_tokens) if all_tokens else torch.empty(0, 0, dtype=torch.long)
+    sp, predictor = cfg.sampling, resolve_predictor(cfg)
+    fixz = True if sp.fixz is None else bool(sp.fixz)
+    uses_z = predictor.startswith("vae") or (predictor == "any_order" and module.loss_type == "vae")
+    x_cond, conditioning = conditioning_from_config(cfg, tokenizer, module.vocab.mask_id)
+    start = time.time()
+    tokens, nfe = draw_samples(cfg, module, predictor, fixz, x_cond)
+    seconds = round(time.time() - start, 2)
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
-    tag = f"{predictor}_T{cfg.sampling.steps}" + (
-        f"_fixz{fixz}" if predictor.startswith("vae") else ""
-    )
+    any_order = predictor == "any_order"
     results = {
         "mode": "sample_eval",
         "checkpoint": ckpt_path,
         "predictor": predictor,
-        "steps": cfg.sampling.steps,
-        "fixz": fixz if predictor.startswith("vae") else None,
-        "seed": int(cfg.sampling.seed),
+        "steps": None if any_order else sp.steps,
+        "order": sp.order if any_order else None,
+        "fixz": fixz if uses_z else None,
+        "top_k": sp.top_k,
+        "top_p": sp.top_p,
+        "conditioning": conditioning,
+        "seed": int(sp.seed),
         "num_samples": len(texts),
-        "seconds": round(time.time() - start, 2),
-        "nfe_per_sequence": sum(s["nfe_per_sequence"] for s in stats) / max(len(stats), 1),
-        "unigram_entropy": unigram_entropy(tokens) if len(tokens) else None,
+        "seconds": seconds,
+        "nfe_per_sequence": nfe,
+        **score_samples(cfg, tokens, tokenizer, module.device),
         "samples": texts,
         "token_ids": tokens.tolist(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    tag = _sample_tag(cfg, predictor, results["fixz"], x_cond is not None)
     out = f"{cfg.eval.output_dir}/samples_{tag}"
     utils.write_json(out + ".json", results)
     utils.write_text(out + ".txt", "\n\n==========\n\n".join(texts) + "\n")
-    utils.print0(
-        f"[sample_eval] {len(texts)} samples ({tag}) in {results['seconds']} s -> {out}.json"
-    )
+    gen = f", gen-PPL {results['gen_ppl']:.2f}" if "gen_ppl" in results else ""
+    utils.print0(f"[sample_eval] {len(texts)} samples in {seconds} s{gen} -> {out}.json")
     return results

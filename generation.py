@@ -1,11 +1,24 @@
-"""Sampling from a trained module: wires the networks (EMA weights) to samplers.py."""
+"""Sampling from a trained module: wires the networks (EMA weights) to samplers.py, and
+turns prefix / suffix / template text into the fixed tokens of conditional sampling.
+
+Conditioning is a row x_init (L,) holding mask_id at free positions and token ids at
+given ones; every sampler leaves the given tokens untouched. Rows of the data start with
+BOS (both framings) and wrapped rows end with EOS, so conditioning text is placed inside
+that frame: BOS, prefix ... suffix, EOS.
+"""
 
 import contextlib
+import re
 
 import torch
+from omegaconf import DictConfig
 
 import samplers
+from config_check import ConfigError
 from diffusion import Diffusion
+
+# `[MASK]` = one free token, `[MASK:n]` = n free tokens.
+MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
 def _autocast(device: torch.device):
@@ -25,6 +38,92 @@ def latent_fn(module: Diffusion, generator: torch.Generator, length: int):
     return draw
 
 
+# ------------------------------------------------------------------- conditioning
+
+
+def parse_template(template: str) -> list[str | int]:
+    """'In the [MASK:3] God' -> ['In the ', 3, ' God']: text pieces and free-span lengths."""
+    pieces: list[str | int] = []
+    start = 0
+    for span in MASK_SPAN.finditer(template):
+        pieces += [template[start : span.start()], int(span.group(1) or 1)]
+        start = span.end()
+    pieces.append(template[start:])
+    for piece in pieces:
+        if isinstance(piece, str) and "[MASK" in piece:
+            raise ConfigError(
+                f"sampling.template={template!r} has a malformed mask in {piece!r}: "
+                "write [MASK] for one free token or [MASK:n] for n"
+            )
+    return [p for p in pieces if p != ""]
+
+
+def conditioning_from_text(
+    tokenizer,
+    length: int,
+    *,
+    prefix: str | None = None,
+    suffix: str | None = None,
+    template: str | None = None,
+    mask_id: int,
+    bos: bool = True,
+    eos: bool = False,
+) -> torch.LongTensor:
+    """The conditioning row (L,): mask_id at free positions, token ids at given ones.
+
+    bos / eos fix the data's framing tokens at positions 0 / L-1. prefix follows BOS,
+    suffix ends just before EOS (or at L-1). template replaces both: its text (tokenised
+    piece by piece, exactly as written, spaces included) follows BOS, each [MASK] /
+    [MASK:n] leaves 1 / n free positions, and everything after the template is free.
+    """
+    if template and (prefix or suffix):
+        raise ConfigError(
+            "sampling.template is set together with sampling.prefix/suffix: "
+            "write the prefix and suffix into the template and drop them"
+        )
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    head = [tokenizer.bos_token_id] if bos else []
+    tail = [tokenizer.eos_token_id] if eos else []
+    if template:
+        for piece in parse_template(template):
+            head += [mask_id] * piece if isinstance(piece, int) else encode(piece)
+    else:
+        head += encode(prefix) if prefix else []
+        tail = (encode(suffix) if suffix else []) + tail
+    if len(head) + len(tail) > length:
+        framing = int(bos) + int(eos)
+        what = "sampling.template" if template else "sampling.prefix + sampling.suffix"
+        raise ConfigError(
+            f"{what} takes {len(head) + len(tail) - framing} tokens ({len(head) + len(tail)} "
+            f"with BOS/EOS) but model.length={length}: shorten the text or raise model.length"
+        )
+    x = torch.full((length,), mask_id, dtype=torch.long)
+    x[: len(head)] = torch.tensor(head, dtype=torch.long)
+    x[length - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+    return x
+
+
+def conditioning_from_config(
+    cfg: DictConfig, tokenizer, mask_id: int
+) -> tuple[torch.LongTensor | None, dict]:
+    """x_init (L,) from sampling.prefix/suffix/template (None when all unset) and a record
+    of the conditioning for results files. BOS always opens it; EOS closes it for wrapped
+    data (data.wrap=True), where every training row ends with EOS."""
+    s, length = cfg.sampling, int(cfg.model.length)
+    record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template}
+    x_init = None
+    if s.prefix or s.suffix or s.template:
+        x_init = conditioning_from_text(
+            tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
+            mask_id=mask_id, eos=bool(cfg.data.get("wrap", False)),
+        )  # fmt: skip
+    given = 0 if x_init is None else int((x_init != mask_id).sum())
+    return x_init, {**record, "given_positions": given, "free_positions": length - given}
+
+
+# ----------------------------------------------------------------------- sampling
+
+
 @torch.no_grad()
 def generate(
     module: Diffusion,
@@ -36,8 +135,19 @@ def generate(
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
     length: int | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    order: str = "left_to_right",
 ) -> tuple[torch.Tensor, dict]:
-    """Draw `num_samples` sequences; x_init (B, L) may fix tokens (mask id = free)."""
+    """Draw `num_samples` sequences; x_init (B, L) may fix tokens (mask id = free).
+
+    predictor: vae | vae_cache | ddpm | ddpm_cache | any_order | ar. `any_order` reveals
+    one position per network call in `order` and ignores `steps`; with a VADD model it
+    samples z as the vae predictors do (fixz). top_k / top_p restrict revealed tokens.
+    """
+    if x_init is not None:
+        x_init = x_init.to(module.device)
+        num_samples, length = x_init.shape
     length = length or module.cfg.model.length
     device, vocab = module.device, module.vocab
     was_training = module.training
@@ -50,33 +160,55 @@ def generate(
                 x = samplers.sample_autoregressive(
                     lambda prefix: module.backbone(prefix), num_samples, length,
                     bos_id=vocab.bos_id, vocab_size=vocab.size, device=device, generator=generator,
+                    top_k=top_k, top_p=top_p, x_init=x_init, mask_id=vocab.mask_id,
                 )  # fmt: skip
                 return x, {"steps": length, "nfe_per_sequence": length - 1}
-            return _generate_masked(
-                module, num_samples, predictor, steps, fixz, generator, x_init, length
-            )
+            if x_init is None:
+                x_init = torch.full((num_samples, length), vocab.mask_id, dtype=torch.long)
+                x_init = x_init.to(device)
+            sampling = dict(fixz=fixz, generator=generator, top_k=top_k, top_p=top_p)
+            if predictor == "any_order":
+                return _generate_any_order(module, x_init, order, **sampling)
+            return _generate_masked(module, x_init, predictor, steps, **sampling)
     finally:
         module.train(was_training)
 
 
-def _generate_masked(module, num_samples, predictor, steps, fixz, generator, x_init, length):
-    vocab, device = module.vocab, module.device
-    if x_init is None:
-        x_init = torch.full((num_samples, length), vocab.mask_id, dtype=torch.long, device=device)
-    uses_z = module.loss_type == "vae"  # a VADD decoder sampled with ddpm gets a fresh z per step
-    latent = latent_fn(module, generator, x_init.shape[1]) if uses_z else None
-
+def _denoiser(module: Diffusion) -> samplers.DenoiseFn:
     def denoise(xt, sigma, z, out_mask):
         if z is None:
             return module.backbone(xt, sigma, out_mask=out_mask)
         return module.backbone(xt, sigma, z=z, out_mask=out_mask)
 
+    return denoise
+
+
+def _latent(module: Diffusion, generator, length: int):
+    # A VADD decoder always gets a z, also under the ddpm predictors (a fresh one per step).
+    return latent_fn(module, generator, length) if module.loss_type == "vae" else None
+
+
+def _generate_masked(module, x_init, predictor, steps, *, fixz, generator, top_k, top_p):
+    vocab = module.vocab
     x, stats = samplers.sample_masked(
-        denoise, x_init,
+        _denoiser(module), x_init,
         mask_id=vocab.mask_id, vocab_size=vocab.size, noise=module.spec.noise, steps=steps,
-        eps=module.cfg.sampling.eps, latent=latent,
+        eps=module.cfg.sampling.eps, latent=_latent(module, generator, x_init.shape[1]),
         fixz=bool(fixz) and predictor.startswith("vae"), cache=predictor.endswith("_cache"),
         time_conditioning=module.cfg.time_conditioning,
-        noise_removal=module.cfg.sampling.noise_removal, generator=generator,
+        noise_removal=module.cfg.sampling.noise_removal, top_k=top_k, top_p=top_p,
+        generator=generator,
+    )  # fmt: skip
+    return x, stats.as_dict(x.shape[0])
+
+
+def _generate_any_order(module, x_init, order, *, fixz, generator, top_k, top_p):
+    vocab = module.vocab
+    x, stats = samplers.sample_any_order(
+        _denoiser(module), x_init,
+        mask_id=vocab.mask_id, vocab_size=vocab.size, order=order,
+        latent=_latent(module, generator, x_init.shape[1]), fixz=bool(fixz),
+        noise=module.spec.noise if module.cfg.time_conditioning else None,
+        top_k=top_k, top_p=top_p, generator=generator,
     )  # fmt: skip
     return x, stats.as_dict(x.shape[0])

@@ -54,11 +54,14 @@ def discretize_t(t: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 def mask_tokens(
-    x0: torch.Tensor, t: torch.Tensor, noise: NoiseSchedule, mask_id: int, generator=None
+    x0: torch.Tensor, t: torch.Tensor, noise: NoiseSchedule, mask_id: int, u=None
 ) -> torch.Tensor:
-    """Forward process q(xt | x0): each position independently masked w.p. 1 - alpha_t."""
+    """Forward process q(xt | x0): each position independently masked w.p. 1 - alpha_t.
+
+    u (B, L): the uniforms to use (drawn here when None)."""
     p_mask = noise.mask_prob(t)[:, None]  # (B, 1)
-    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    if u is None:
+        u = torch.rand(x0.shape, device=x0.device)
     return torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
 
 
@@ -79,10 +82,12 @@ def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reparameterize(mu, log_sigma, num_particles: int, generator=None):
-    """z = mu + sigma * eps for K particles: (B, ...) -> (B, K, ...), with eps."""
-    shape = (mu.shape[0], num_particles, *mu.shape[1:])
-    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+def reparameterize(mu, log_sigma, num_particles: int, eps=None):
+    """z = mu + sigma * eps for K particles: (B, ...) -> (B, K, ...), with eps (drawn if None)."""
+    if eps is None:
+        shape = (mu.shape[0], num_particles, *mu.shape[1:])
+        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype)
+    eps = eps.to(mu.dtype)
     return mu[:, None] + log_sigma.exp()[:, None] * eps, eps
 
 

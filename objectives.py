@@ -29,6 +29,19 @@ class DiffusionSpec:
 
 
 @dataclass
+class Draws:
+    """Pre-drawn noise for one micro-batch (None: draw from the global RNG).
+
+    Training draws these for the whole global batch from the step's seed and slices this
+    micro-batch's rows, so the losses do not depend on how the global batch is split over
+    devices and accumulation steps.
+    """
+
+    mask_u: torch.Tensor | None = None  # (B, L) uniforms of the forward masking
+    z_eps: torch.Tensor | None = None  # (B, K, ...) standard normals of the latent
+
+
+@dataclass
 class LossOutput:
     per_seq: torch.Tensor  # (B,) loss per sequence (float32, differentiable)
     num_tokens: torch.Tensor  # () number of real tokens in the batch
@@ -39,11 +52,11 @@ class LossOutput:
         return self.per_seq.sum() / self.num_tokens
 
 
-def _noisy_batch(x0, key_mask, t, spec: DiffusionSpec):
+def _noisy_batch(x0, key_mask, t, spec: DiffusionSpec, draws: Draws | None = None):
     """Discretise t if needed, mask x0 (never padding); return t, xt, masked (B, L)."""
     if spec.num_steps > 0:
         t = losses.discretize_t(t, spec.num_steps)
-    xt = losses.mask_tokens(x0, t, spec.noise, spec.mask_id)
+    xt = losses.mask_tokens(x0, t, spec.noise, spec.mask_id, u=draws and draws.mask_u)
     if key_mask is not None:
         xt = torch.where(key_mask, xt, x0)
     return t, xt, xt == spec.mask_id
@@ -57,8 +70,8 @@ def _recon(backbone, x0, xt, masked, sigma, spec, z=None, key_mask=None) -> torc
     return losses.scatter_rows(logp, masked).sum(-1)
 
 
-def mdlm_loss(backbone, x0, key_mask, t, spec: DiffusionSpec) -> LossOutput:
-    t, xt, masked = _noisy_batch(x0, key_mask, t, spec)
+def mdlm_loss(backbone, x0, key_mask, t, spec: DiffusionSpec, draws=None) -> LossOutput:
+    t, xt, masked = _noisy_batch(x0, key_mask, t, spec, draws)
     recon = _recon(backbone, x0, xt, masked, spec.sigma(t), spec, key_mask=key_mask)
     lam_rec, _ = losses.loss_weights(t, spec.noise, spec.kl_weighting, spec.num_steps)
     per_seq = losses.nelbo_mdlm(recon, lam_rec)
@@ -66,13 +79,22 @@ def mdlm_loss(backbone, x0, key_mask, t, spec: DiffusionSpec) -> LossOutput:
 
 
 def vae_loss(
-    backbone, encoder, x0, key_mask, t, spec: DiffusionSpec, *, beta=1.0, num_particles=1
+    backbone,
+    encoder,
+    x0,
+    key_mask,
+    t,
+    spec: DiffusionSpec,
+    *,
+    beta=1.0,
+    num_particles=1,
+    draws=None,
 ) -> LossOutput:
     """(IWAE-)DELBO: one encoder pass, K decoder passes on the same xt."""
-    t, xt, masked = _noisy_batch(x0, key_mask, t, spec)
+    t, xt, masked = _noisy_batch(x0, key_mask, t, spec, draws)
     sigma = spec.sigma(t)
     mu, log_sigma = encoder(x0, ~masked, sigma, key_mask)  # (B, d) or (B, L, d)
-    z, eps = losses.reparameterize(mu, log_sigma, num_particles)  # (B, K, ...)
+    z, eps = losses.reparameterize(mu, log_sigma, num_particles, draws and draws.z_eps)
     K, rep = num_particles, lambda a: a.repeat_interleave(num_particles, 0)
     km = None if key_mask is None else rep(key_mask)
     recon = _recon(backbone, rep(x0), rep(xt), rep(masked), rep(sigma), spec, z.flatten(0, 1), km)

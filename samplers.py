@@ -1,4 +1,5 @@
-"""Samplers: ancestral masked-diffusion sampling (MDLM `ddpm`, VADD `vae`) and AR decoding.
+"""Samplers: ancestral masked diffusion (MDLM `ddpm`, VADD `vae`), RADD's any-order
+autoregressive sampler (`any_order`) and left-to-right AR decoding.
 
 One reverse step t -> s of absorbing diffusion reveals each still-masked position with
 probability (alpha_s - alpha_t) / (1 - alpha_t) and, if revealed, draws its token from
@@ -9,10 +10,14 @@ nothing to reveal; the random draws are identical either way, so both variants g
 same samples for the same seed (z drawn for every row at every step in both).
 
 Probabilities and Gumbel noise are float64 (float32 Gumbel-max truncates the tail and
-lowers generative perplexity). Positions that are not [MASK] in `x_init` are never
-changed, which is all conditional sampling (prefix, suffix, infilling) needs.
+lowers generative perplexity). Revealed tokens may be restricted to the top-k / nucleus
+(top-p) set first (`filter_logits`); the filter uses no random numbers, so it leaves the
+random stream, and hence cache == no cache, intact. Positions that are not [MASK] in
+`x_init` are never changed, which is all conditional sampling (prefix, suffix,
+infilling) needs.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +28,7 @@ from noise_schedule import NoiseSchedule
 # denoise(xt (b, L), sigma (b,), z (b, ...) | None, out_mask (b, L)) -> logits (N, V_out)
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 LatentFn = Callable[[int], torch.Tensor]  # n -> z of shape (n, ...)
+ORDERS = ("left_to_right", "random")
 
 
 @dataclass
@@ -39,11 +45,38 @@ class SampleStats:
         }
 
 
-def gumbel_argmax(logits: torch.Tensor, generator=None, chunk: int = 1024) -> torch.Tensor:
-    """Sample from softmax(logits) (N, V) by Gumbel-max in float64, chunked over rows."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits (N, V) outside the kept set to -inf; top_k=0 and top_p=1.0 keep everything.
+
+    top_k keeps exactly the k largest logits of each row (ties broken arbitrarily). top_p
+    then keeps the smallest set of most probable tokens whose probability, renormalised
+    over what top_k kept, reaches top_p (the most probable token is always kept).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, -math.inf)
+    if top_p < 1.0:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.double().softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more probable tokens
+        drop = mass_before >= top_p  # the set already reached top_p without this token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits
+
+
+def gumbel_argmax(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    chunk: int = 1024,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Sample from softmax(filter_logits(logits)) (N, V) by float64 Gumbel-max, chunked
+    over rows so the float64 copy (and the top-p sort) never covers all N rows at once."""
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for i in range(0, logits.shape[0], chunk):
-        block = logits[i : i + chunk].double()
+        block = filter_logits(logits[i : i + chunk].double(), top_k, top_p)
         u = torch.rand(block.shape, generator=generator, device=block.device, dtype=torch.float64)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         out[i : i + chunk] = (block + gumbel).argmax(-1)
@@ -65,33 +98,30 @@ def sample_masked(
     cache: bool = False,
     time_conditioning: bool = False,
     noise_removal: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Run `steps` reverse steps on the grid 1 -> eps from x_init (B, L); return tokens, stats.
 
     latent: draws z for n sequences (None for MDLM). fixz=True draws z once per sequence
     for the whole chain (consistency sampler); fixz=False redraws it at every step.
+    top_k / top_p restrict the revealed tokens (see filter_logits); the final
+    noise-removal step is an argmax, which both filters keep.
     """
     x, stats = x_init.clone(), SampleStats(steps)
     B, device = x.shape[0], x.device
     z_fixed = latent(B) if (latent is not None and fixz) else None
     grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64, device=device)
+    draw = lambda logits: gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k, top_p=top_p)
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
         masked = x == mask_id
         u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         reveal = masked & (u < noise.unmask_prob(t, s))
         z = z_fixed if (fixz or latent is None) else latent(B)
-        _predict_into(
-            x,
-            reveal,
-            denoise,
-            z,
-            _sigma(noise, t, B, time_conditioning),
-            cache,
-            stats,
-            lambda logits: gumbel_argmax(logits[:, :vocab_size], generator),
-        )
+        sigma = _sigma(noise, t, B, time_conditioning)
+        _predict_into(x, reveal, denoise, z, sigma, cache, stats, draw)
     if noise_removal and (x == mask_id).any():  # final greedy step at t = eps
         z = z_fixed if (fixz or latent is None) else latent(B)
         _predict_into(
@@ -105,6 +135,65 @@ def sample_masked(
             lambda logits: logits[:, :vocab_size].argmax(-1),
         )
     return x, stats
+
+
+@torch.no_grad()
+def sample_any_order(
+    denoise: DenoiseFn,
+    x_init: torch.Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    order: str = "left_to_right",
+    latent: LatentFn | None = None,
+    fixz: bool = True,
+    noise: NoiseSchedule | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """RADD's any-order autoregressive sampler: reveal ONE masked position per row per call.
+
+    order: `left_to_right` reveals the first still-masked position; `random` follows a
+    uniformly random permutation per row (drawn from `generator`). Given (non-mask)
+    positions are skipped, so a row with n free positions takes n network calls (rows
+    already complete are left out of a call). There is no time grid: `steps` does not
+    apply. latent/fixz as in sample_masked: one z per sequence, or a new z per call.
+    noise: pass it for time-conditioned models; sigma then follows the fraction of
+    visible tokens (sigma = -log alpha with alpha = that fraction); None feeds sigma = 0.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: use one of {ORDERS}")
+    x, stats = x_init.clone(), SampleStats(steps=0)
+    B, device = x.shape[0], x.device
+    rank = _order_rank(x.shape, order, generator, device)  # smaller rank = revealed earlier
+    z_fixed = latent(B) if (latent is not None and fixz) else None
+    draw = lambda logits: gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k, top_p=top_p)
+    stats.steps = int((x == mask_id).sum(1).max()) if x.numel() else 0
+    for _ in range(stats.steps):
+        masked = x == mask_id
+        nxt = rank.masked_fill(~masked, math.inf).argmin(1, keepdim=True)
+        reveal = torch.zeros_like(masked).scatter_(1, nxt, True) & masked  # complete rows: none
+        z = z_fixed if (fixz or latent is None) else latent(B)
+        _predict_into(x, reveal, denoise, z, _visible_sigma(x, mask_id, noise), True, stats, draw)
+    return x, stats
+
+
+def _order_rank(shape, order: str, generator, device) -> torch.Tensor:
+    """(B, L) float64 ranks: the position index, or iid uniforms (argsort = a random
+    permutation, uniform over permutations)."""
+    if order == "random":
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return torch.arange(shape[1], device=device, dtype=torch.float64).expand(shape)
+
+
+def _visible_sigma(x: torch.Tensor, mask_id: int, noise: NoiseSchedule | None) -> torch.Tensor:
+    if noise is None:
+        return torch.zeros(x.shape[0], device=x.device)
+    # The noisiest level seen in training is alpha(1); all-[MASK] rows get that one.
+    alpha_min = noise.alpha(torch.tensor(1.0, dtype=torch.float64)).item()
+    visible = (x != mask_id).double().mean(1).clamp_min(alpha_min)
+    return (-torch.log(visible)).float()
 
 
 def _sigma(noise: NoiseSchedule, t: torch.Tensor, n: int, time_conditioning: bool):
@@ -134,10 +223,24 @@ def sample_autoregressive(
     vocab_size: int,
     device="cpu",
     generator=None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    x_init: torch.Tensor | None = None,
+    mask_id: int | None = None,
 ) -> torch.Tensor:
-    """Left-to-right ancestral sampling; logits_fn(prefix (B, i)) -> (B, i, V_out)."""
+    """Left-to-right ancestral sampling; logits_fn(prefix (B, i)) -> (B, i, V_out).
+
+    x_init (B, L) with mask_id at free positions keeps every other token (teacher-forced
+    into the prefix as it grows); position 0 is BOS unless x_init gives it.
+    """
     x = torch.full((batch_size, length), bos_id, dtype=torch.long, device=device)
+    given = torch.zeros_like(x, dtype=torch.bool)
+    if x_init is not None:
+        x_init = x_init.to(device)
+        given = x_init != mask_id
+        x = torch.where(given, x_init, x)
     for i in range(1, length):
         logits = logits_fn(x[:, :i])[:, -1, :vocab_size]
-        x[:, i] = gumbel_argmax(logits, generator)
+        drawn = gumbel_argmax(logits, generator, top_k=top_k, top_p=top_p)
+        x[:, i] = torch.where(given[:, i], x[:, i], drawn)
     return x

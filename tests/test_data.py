@@ -373,7 +373,7 @@ def test_every_config_resolves():
         assert cfg.name == name and cfg.streaming is False
         assert cfg.train in data_sources.SOURCES and cfg.valid in data_sources.SOURCES
         name_or_path = cfg.tokenizer_name_or_path
-        assert name_or_path in dataloader.NAMED_TOKENIZERS or name_or_path.startswith("bpe-")
+        assert name_or_path in tokenization.NAMED_TOKENIZERS or name_or_path.startswith("bpe-")
         assert "vadd" in OmegaConf.to_container(cfg, resolve=True)["cache_dir"]
 
 

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 import dataloader
 import runner
 from checkpoints import CheckpointError, load_for_eval, read_checkpoint
-from evaluation import run_ppl_eval
+from evaluation import run_ppl_eval, run_sample_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -139,10 +139,10 @@ def test_encoder_training_times_updates_only_the_encoder(tmp_path):
     calls = []
     original = module._encoder_only_step
 
-    def spy(batch, t, beta):
+    def spy(batch, t, beta, draws=None):
         dec = [p.detach().clone() for p in module.backbone.parameters()]
         enc = [p.detach().clone() for p in module.encoder.parameters()]
-        original(batch, t, beta)
+        original(batch, t, beta, draws)
         dec_same = all(
             torch.equal(a, p) for a, p in zip(dec, module.backbone.parameters(), strict=True)
         )
@@ -311,3 +311,24 @@ def test_wandb_logger_is_optional_and_offline_safe(tmp_path):
     trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
     assert trainer.global_step == 2
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_sample_eval_scores_every_sample_with_the_judge(tmp_path):
+    """gen-PPL of 5 samples with judge batch 2: all 5 scored; text after EOS is not."""
+    cfg = make_cfg(
+        tmp_path,
+        "eval.compute_generative_perplexity=True",
+        "eval.gen_ppl_eval_model_name_or_path=smollm2",
+        "eval.perplexity_batch_size=2",
+        "loader.eval_batch_size=5",
+        "sampling.num_sample_batches=1",
+        "sampling.steps=4",
+        "model.length=32",
+    )
+    _, module, tokenizer = build(cfg)
+    results = run_sample_eval(cfg, module, tokenizer, "untrained")
+    assert results["gen_ppl_details"]["num_samples"] + results["gen_ppl_details"]["num_empty"] == 5
+    assert math.isfinite(results["gen_ppl"]) and results["gen_ppl"] > 1
+    assert results["unigram_entropy"] > 0
+    saved = json.loads((tmp_path / "samples_vae_T4_fixzTrue.json").read_text())
+    assert saved["gen_ppl"] == results["gen_ppl"]
