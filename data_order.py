@@ -1,10 +1,14 @@
 """The order in which rows are read: seeded, sharded across ranks, resumable mid-epoch.
 
 One sampler serves single-process and distributed runs (Lightning's automatic
-DistributedSampler is turned off): epoch e reads a permutation drawn from (seed, e),
-rank r takes every world-th row of it, and `state_dict()` / `load_state_dict()` carry the
-position inside the epoch, so a resumed run reads exactly the rows the interrupted one
-would have read next. Evaluation shards are uneven rather than padded with duplicates.
+DistributedSampler is turned off): epoch e reads a permutation drawn from (seed, e).
+Training cuts it into blocks of world x batch_size rows and rank r takes the r-th
+batch of each block, so global row i always lands at position i of the global batch,
+whatever the split over devices and accumulation steps (with the global-batch draws of
+t and noise in diffusion.py, the losses do not depend on the split). Evaluation takes
+every world-th row: uneven shards rather than padding with duplicates.
+`state_dict()` / `load_state_dict()` carry the position inside the epoch, so a resumed
+run reads exactly the rows the interrupted one would have read next.
 """
 
 import torch
@@ -13,8 +17,11 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, num_rows: int, *, seed: int, shuffle: bool, drop_last: bool):
+    def __init__(
+        self, num_rows: int, *, seed: int, shuffle: bool, drop_last: bool, batch_size: int = 1
+    ):
         self.num_rows, self.seed, self.shuffle, self.drop_last = num_rows, seed, shuffle, drop_last
+        self.batch_size = batch_size
         self.epoch = 0
         self.start = 0  # rows of this rank's shard already consumed in `epoch`
 
@@ -31,9 +38,11 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_rows, generator=gen)
         else:
             order = torch.arange(self.num_rows)
-        if self.drop_last:  # equal shards: every rank runs the same number of steps
-            order = order[: self.num_rows - self.num_rows % world]
-        return order[rank::world]
+        if not self.drop_last:
+            return order[rank::world]
+        block = world * self.batch_size  # equal shards: every rank runs the same steps
+        order = order[: self.num_rows - self.num_rows % block]
+        return order.view(-1, world, self.batch_size)[:, rank].reshape(-1)
 
     def __iter__(self):
         shard, start = self._shard(), self.start
@@ -43,7 +52,7 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         rank, world = self._rank_world()
         if self.drop_last:
-            return self.num_rows // world
+            return self.num_rows // (world * self.batch_size) * self.batch_size
         return len(range(rank, self.num_rows, world))
 
     def set_epoch(self, epoch: int) -> None:

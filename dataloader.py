@@ -261,7 +261,9 @@ def _loader(cfg: DictConfig, dataset, split: str) -> DataLoader:
     num_workers = int(cfg.loader.num_workers)
     sampler = None
     if not streamed:  # seeded, sharded over ranks, resumable mid-epoch (data_order.py)
-        sampler = ResumableSampler(len(dataset), seed=int(cfg.seed), shuffle=train, drop_last=train)
+        sampler = ResumableSampler(
+            len(dataset), seed=int(cfg.seed), shuffle=train, drop_last=train, batch_size=batch_size
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -6,6 +6,7 @@ import fsspec
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -26,14 +27,17 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         kwargs.pop(key)
     if kwargs["precision"] == "auto":
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    callbacks = (
-        [hydra.utils.instantiate(c) for c in cfg.callbacks.values()] if cfg.mode == "train" else []
-    )
+    logger = _logger(cfg) if cfg.mode == "train" else False
+    callbacks = []
+    if cfg.mode == "train":
+        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+        if logger is False:  # LearningRateMonitor refuses a trainer without logger
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return L.Trainer(
         **kwargs,
         strategy=_strategy(cfg.strategy),
         callbacks=callbacks,
-        logger=_logger(cfg) if cfg.mode == "train" else False,
+        logger=logger,
         default_root_dir=cfg.checkpointing.save_dir,
         use_distributed_sampler=False,  # data_order.ResumableSampler shards by rank itself
     )
