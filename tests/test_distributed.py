@@ -7,27 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import MICRO_MODEL, QUIET
 
 from data_order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TINY = [
-    "model.length=32",
-    "model.hidden_size=32",
-    "model.cond_dim=16",
-    "model.n_heads=2",
-    "model.n_blocks=1",
-    "model.latent_dim=8",
-    "decoder.hidden_size=32",
-    "decoder.cond_dim=16",
-    "decoder.n_heads=2",
-    "decoder.n_blocks=1",
+    *MICRO_MODEL,
+    *QUIET,
     "loader.global_batch_size=8",
     "trainer.max_steps=3",
     "trainer.limit_val_batches=0",
-    "trainer.enable_progress_bar=False",
-    "trainer.enable_model_summary=False",
     "training.loss_strategy=none",  # beta = 1 so the encoder learns from the first step
     "logger=none",
 ]

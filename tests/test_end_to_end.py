@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from tiny import TINY
 
 import dataloader
 import runner
@@ -19,22 +20,6 @@ from checkpoints import CheckpointError, load_for_eval, read_checkpoint
 from evaluation import run_ppl_eval, run_sample_eval
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.length=64",
-    "model.hidden_size=64",
-    "model.cond_dim=32",
-    "model.n_blocks=2",
-    "model.latent_dim=16",
-    "decoder.hidden_size=32",
-    "decoder.cond_dim=32",
-    "decoder.n_heads=2",
-    "decoder.n_blocks=1",
-    "loader.global_batch_size=8",
-    "loader.eval_batch_size=16",
-    "trainer.limit_val_batches=2",
-    "trainer.enable_progress_bar=False",
-    "trainer.enable_model_summary=False",
-]
 
 
 def make_cfg(tmp_path: Path, *overrides: str):

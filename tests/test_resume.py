@@ -10,29 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import MICRO_MODEL, QUIET
 
 from data_order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.length=32",
-    "model.hidden_size=32",
-    "model.cond_dim=16",
-    "model.n_heads=2",
-    "model.n_blocks=1",
-    "model.latent_dim=8",
-    "decoder.hidden_size=32",
-    "decoder.cond_dim=16",
-    "decoder.n_heads=2",
-    "decoder.n_blocks=1",
+    *MICRO_MODEL,
+    *QUIET,
     "loader.global_batch_size=4",
     "loader.eval_batch_size=8",
     "trainer.limit_val_batches=1",
     "trainer.limit_train_batches=7",  # short epochs: the run crosses epoch boundaries
     "trainer.val_check_interval=5",
     "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=False",
-    "trainer.enable_model_summary=False",
     "training.kl_weight_interval=20",  # beta is still annealing when the run is killed
     "callbacks.checkpoint_every_n_steps.every_n_train_steps=3",
 ]

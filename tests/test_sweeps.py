@@ -19,23 +19,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import steps_sweep  # noqa: E402
 import zero_shot_sweep  # noqa: E402
+from tiny import TINY  # noqa: E402
 
-TINY = [  # the tiny model of tests/test_end_to_end.py
-    "model.length=64",
-    "model.hidden_size=64",
-    "model.cond_dim=32",
-    "model.n_blocks=2",
-    "model.latent_dim=16",
-    "decoder.hidden_size=32",
-    "decoder.cond_dim=32",
-    "decoder.n_heads=2",
-    "decoder.n_blocks=1",
-    "loader.global_batch_size=8",
-    "loader.eval_batch_size=16",
-    "trainer.limit_val_batches=2",
-    "trainer.enable_progress_bar=False",
-    "trainer.enable_model_summary=False",
-]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 ENV = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}  # processes run side by side
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
