@@ -133,3 +133,18 @@ def test_empty_local_text_folder_fails_fast(tmp_path):
     proc = run_main(["data=local_text", f"data.path={empty}"], tmp_path / "run", timeout=60)
     assert proc.returncode == 2 and time.time() - start < 10
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.path={empty}")
+
+
+def test_multinode_launchers_compose(tmp_path):
+    """The torchrun and SLURM launchers build a command line main.py accepts."""
+    fake = tmp_path / "torchrun"  # stands in for torchrun: runs main.py --cfg job
+    fake.write_text(f'#!/usr/bin/env bash\nshift 5\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0"}
+    env.update(TORCHRUN=str(fake), RUN_DIR=str(tmp_path / "run"), GPUS_PER_NODE="4")
+    args = ["bash", "scripts/train_multinode_torchrun.sh", "--cfg", "job"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "num_nodes: 2" in proc.stdout and "devices: 4" in proc.stdout
+    sbatch = (ROOT / "scripts" / "train_owt_vadd.sbatch").read_text()
+    assert "--signal=TERM@" in sbatch and 'trainer.num_nodes="$SLURM_NNODES"' in sbatch
