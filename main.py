@@ -5,12 +5,19 @@ fails in seconds with one line (and exit status 2) instead of a stack trace late
 """
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from config_check import validate_config
 from errors import VaddError
+
+# Known, harmless warnings of our dependencies that would otherwise fill every log:
+# checkpoints are taken after the optimiser step on purpose (manual optimisation), and
+# Lightning's own pytree helper uses a deprecated torch call.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
