@@ -31,16 +31,18 @@ def main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    import lightning as L  # heavy imports after validation
+    import dataloader  # heavy imports after validation
 
-    import dataloader
+    tokenizer = dataloader.get_tokenizer(cfg.data)  # local data errors show before Lightning loads
+
+    import lightning as L
+
     import runner
     from checkpoints import read_checkpoint
 
     trainer = runner.build_trainer(cfg)
     runner.derive_batch_sizes(cfg, trainer.num_devices * trainer.num_nodes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = dataloader.get_tokenizer(cfg.data)
     if cfg.mode == "train":
         runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer)
         return
