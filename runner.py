@@ -47,6 +47,11 @@ def _strategy(s: DictConfig):
     if s.name == "ddp":
         return DDPStrategy(find_unused_parameters=s.find_unused_parameters)
     if s.name == "fsdp":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "strategy=fsdp needs CUDA GPUs (Lightning's FSDPStrategy refuses CPU): "
+                "use strategy=ddp on CPU"
+            )
         return FSDPStrategy(sharding_strategy=s.sharding_strategy)
     return "auto"
 

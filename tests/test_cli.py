@@ -108,6 +108,10 @@ BAD_INPUTS = [
         "/nonexistent/x.ckpt",
         "does not exist",
     ),
+    (["data=wikitext2"], "'wikitext2' is not cached", "run once with network access"),
+    (["data=local_text", "data.path=/nonexistent/corpus"], "/nonexistent/corpus", "does not exist"),
+    (["data=local_text"], "data.path is not set", "data.path=/path/to"),
+    (["strategy=fsdp"], "strategy=fsdp needs CUDA GPUs", "use strategy=ddp on CPU"),
 ]
 
 
