@@ -74,5 +74,27 @@ def load_for_eval(module, ckpt: dict, path: str) -> None:
             "use the data/tokenizer it was trained with"
         )
     check_compatible(module, ckpt["state_dict"], path)
+    _check_same_process(module.cfg, ckpt.get("vadd", {}).get("config"), path)
     module.load_state_dict(ckpt["state_dict"])
+    if module.ema is not None and "ema" not in ckpt:  # trained with training.ema=0
+        print(f"[vadd] {path} has no EMA weights: evaluating its raw weights", flush=True)
+        module.ema = None
     module.on_load_checkpoint(ckpt)
+
+
+def _check_same_process(cfg, saved: dict | None, path: str) -> None:
+    """The network's inputs depend on these keys: evaluating with other values is wrong."""
+    if not saved:
+        return
+    current = {
+        "time_conditioning": cfg.time_conditioning,
+        **{f"noise.{k}": v for k, v in cfg.noise.items()},
+    }
+    before = {"time_conditioning": saved.get("time_conditioning")}
+    before.update({f"noise.{k}": v for k, v in saved.get("noise", {}).items()})
+    for key, value in current.items():
+        if key in before and before[key] != value:
+            raise CheckpointError(
+                f"{path} was trained with {key}={before[key]} but the config has {key}={value}: "
+                f"set {key}={before[key]}"
+            )

@@ -75,7 +75,9 @@ class Diffusion(L.LightningModule):
         self.results: dict = {}
         self._micro = 0  # micro-batch index inside the current accumulation window
         self._rows_seen = 0  # rows of this rank's shard consumed in the current epoch
-        self._resume_state: dict | None = None
+        self.train_sampler = None  # data_order.ResumableSampler of the training loader
+        self._resumed_mid_epoch = False
+        self._resume_rng: list | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         nets = [self.backbone] + ([self.encoder] if self.encoder is not None else [])
@@ -95,7 +97,8 @@ class Diffusion(L.LightningModule):
         gen = torch.Generator().manual_seed(seed)
         t = losses.sample_t(
             n,
-            eps=self.cfg.training.sampling_eps,
+            # discrete time: every step of the T-step grid equally likely (no eps cut-off)
+            eps=0.0 if self.cfg.T > 0 else self.cfg.training.sampling_eps,
             antithetic=self.cfg.training.antithetic_sampling,
             generator=gen,
             offset=(micro * world + rank) * n,
@@ -161,7 +164,10 @@ class Diffusion(L.LightningModule):
 
     def _check_finite(self, loss, batch):
         """Stop at a NaN/inf loss, before it reaches the weights; keep the batch to inspect."""
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:  # all ranks stop together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         path = os.path.join(
             self.cfg.checkpointing.save_dir, f"nonfinite_batch_step{self.global_step}.pt"
@@ -272,29 +278,30 @@ class Diffusion(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        self._resume_state = checkpoint.get("resume")
+        state = checkpoint.get("resume")
+        if state is None:
+            return
+        # The data position is applied here, before Lightning builds the data iterator
+        # (worker processes start reading the sampler as soon as it exists).
+        if self.train_sampler is not None and "data" in state:
+            self.train_sampler.load_state_dict(state["data"])
+            self._rows_seen = int(state["data"]["start"])
+            self._resumed_mid_epoch = True
+        self._resume_rng = state["rng"]
 
     # ---------------------------------------------------------------- exact resume
     # A checkpoint carries the data position and every RNG state, so a resumed run
     # draws the same rows, masks, t and z as the uninterrupted one would have.
-    def _train_sampler(self):
-        loader = self.trainer.train_dataloader if self._trainer is not None else None
-        sampler = getattr(loader, "sampler", None)
-        return sampler if hasattr(sampler, "load_state_dict") else None
-
+    # `train_sampler` (data_order.ResumableSampler) is attached by runner.train.
     def on_train_epoch_start(self):
-        if self._resume_state is None:
+        if not self._resumed_mid_epoch:
             self._rows_seen = 0
+        self._resumed_mid_epoch = False
 
     def on_train_start(self):
-        state, self._resume_state = self._resume_state, None
-        if state is None:
-            return
-        sampler = self._train_sampler()
-        if sampler is not None and "data" in state:
-            sampler.load_state_dict(state["data"])
-            self._rows_seen = int(state["data"]["start"])
-        utils.set_rng_state(state["rng"][min(self.global_rank, len(state["rng"]) - 1)])
+        rng, self._resume_rng = self._resume_rng, None
+        if rng is not None:
+            utils.set_rng_state(rng[min(self.global_rank, len(rng) - 1)])
 
     def _resume_checkpoint_state(self) -> dict:
         rng = [utils.get_rng_state()]
@@ -302,9 +309,10 @@ class Diffusion(L.LightningModule):
             rng = [None] * torch.distributed.get_world_size()  # every rank has its own streams
             torch.distributed.all_gather_object(rng, utils.get_rng_state())
         state = {"rng": rng}
-        sampler = self._train_sampler()
-        if sampler is not None:
-            state["data"] = sampler.state_dict(consumed=self._rows_seen)
+        if self.train_sampler is not None:
+            # A save inside an accumulation window (pre-emption) redoes the partial window.
+            consumed = self._rows_seen - self._micro * self.train_sampler.batch_size
+            state["data"] = self.train_sampler.state_dict(consumed=consumed)
         return state
 
 

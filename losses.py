@@ -91,11 +91,17 @@ def reparameterize(mu, log_sigma, num_particles: int, eps=None):
     return mu[:, None] + log_sigma.exp()[:, None] * eps, eps
 
 
-def kl_one_sample(z: torch.Tensor, eps: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """log r(z) - log N(z; 0, I) summed over all non-batch, non-particle dims: (B, K)."""
+def kl_one_sample(z, eps, log_sigma, position_mask=None) -> torch.Tensor:
+    """log r(z) - log N(z; 0, I) summed over all non-batch, non-particle dims: (B, K).
+
+    position_mask (B, L): for per-position latents (B, K, L, d), padding positions' latents
+    (which the decoder never reads) are left out."""
     log_r = -(log_sigma[:, None] + 0.5 * eps**2 + 0.5 * LOG_2PI)
     log_p = -(0.5 * z**2 + 0.5 * LOG_2PI)
-    return (log_r - log_p).flatten(2).sum(-1)
+    diff = log_r - log_p
+    if position_mask is not None and z.dim() == 4:
+        diff = diff * position_mask[:, None, :, None].to(diff.dtype)
+    return diff.flatten(2).sum(-1)
 
 
 def kl_closed_form(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def vae_loss(
     km = None if key_mask is None else rep(key_mask)
     recon = _recon(backbone, rep(x0), rep(xt), rep(masked), rep(sigma), spec, z.flatten(0, 1), km)
     recon = recon.view(-1, K)  # (B, K)
-    kl = losses.kl_one_sample(z, eps, log_sigma)  # (B, K)
+    kl = losses.kl_one_sample(z, eps, log_sigma, key_mask)  # (B, K)
     lam_rec, lam_kl = losses.loss_weights(t, spec.noise, spec.kl_weighting, spec.num_steps)
     per_seq = losses.iwae_delbo(recon, kl, lam_rec, lam_kl, beta)
     stats = {

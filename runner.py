@@ -120,6 +120,7 @@ def build_module(cfg: DictConfig, tokenizer) -> Diffusion:
 
 def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> None:
     train_dl, valid_dl = dataloader.get_dataloaders(cfg, tokenizer)
+    module.train_sampler = getattr(train_dl, "sampler", None)  # resumable data position
     ckpt = None
     path = cfg.checkpointing.resume_ckpt_path
     if cfg.checkpointing.resume_from_ckpt and path and fsspec.url_to_fs(path)[0].exists(path):

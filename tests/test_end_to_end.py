@@ -317,3 +317,24 @@ def test_sample_eval_scores_every_sample_with_the_judge(tmp_path):
     assert results["unigram_entropy"] > 0
     saved = json.loads((tmp_path / "samples_vae_T4_fixzTrue.json").read_text())
     assert saved["gen_ppl"] == results["gen_ppl"]
+
+
+def test_eval_without_ema_and_with_another_noise_process(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_steps=1", "training.ema=0")
+    trainer, module, tokenizer = build(cfg)
+    trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
+    path = tmp_path / "raw.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = read_checkpoint(str(path))
+    evaluator = build(make_cfg(tmp_path))[1]  # the default config keeps an EMA
+    load_for_eval(evaluator, ckpt, str(path))
+    assert evaluator.ema is None  # never the untrained EMA initialisation
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            evaluator.trainable_parameters(), module.trainable_parameters(), strict=True
+        )
+    )
+    other = build(make_cfg(tmp_path, "time_conditioning=True"))[1]
+    with pytest.raises(CheckpointError, match="time_conditioning=False"):
+        load_for_eval(other, ckpt, str(path))

@@ -69,6 +69,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
         capture_output=True,
     )
     after = losses(resumed)
+    # the resumed run also tracks the data position: its final checkpoint points where the
+    # uninterrupted run's does
+    final = [
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        for d in (full, resumed)
+    ]
+    assert final[0]["resume"]["data"] == final[1]["resume"]["data"]
     assert sorted(after) == list(range(resumed_from + 1, 31)) or min(after) == resumed_from
     for step, loss in after.items():
         assert loss == reference[step], (step, loss, reference[step])
