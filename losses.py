@@ -14,7 +14,6 @@ kl_weighting='steps': lam_rec = T (alpha_s - alpha_t) / (1 - alpha_t), lam_kl = 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from noise_schedule import NoiseSchedule
 
@@ -65,14 +64,49 @@ def mask_tokens(
     return torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
 
 
+CE_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one chunk of the cross-entropy (64 MiB)
+
+
 def masked_token_logp(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """SUBS log p(x0 | xt) on masked rows only: logits (N, V_out) -> (N,) in float32.
 
     Only the first `vocab_size` logits compete (the [MASK] logit and any padding ids are
-    excluded, i.e. set to -inf). cross_entropy upcasts per row internally, so no float32
-    copy of the full logits is kept for the backward pass.
+    excluded, i.e. set to -inf). The softmax runs in float32 over row chunks of at most
+    CE_CHUNK_ELEMENTS, so no float32 copy of bf16 logits is ever built whole; the backward
+    recomputes each chunk's softmax from the saved logits and the (N,) log-normalisers.
     """
-    return -F.cross_entropy(logits[:, :vocab_size].float(), targets, reduction="none")
+    return _ChunkedLogSoftmaxPick.apply(logits, targets, vocab_size)
+
+
+class _ChunkedLogSoftmaxPick(torch.autograd.Function):
+    """log_softmax(logits[:, :V])[target] in float32, chunked over rows (see above)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_size):
+        logp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for rows in _row_chunks(logits.shape[0], vocab_size):
+            lsm = torch.log_softmax(logits[rows, :vocab_size], dim=-1, dtype=torch.float32)
+            logp[rows] = lsm.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(logits, targets)
+        ctx.vocab_size = vocab_size
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets = ctx.saved_tensors
+        V = ctx.vocab_size
+        grad = torch.zeros_like(logits)  # excluded ids ([MASK], padding) get no gradient
+        minus_one = torch.full((1, 1), -1.0, device=logits.device)
+        for rows in _row_chunks(logits.shape[0], V):
+            p = torch.softmax(logits[rows, :V], dim=-1, dtype=torch.float32)  # (n, V)
+            p.scatter_add_(1, targets[rows, None], minus_one.expand(p.shape[0], 1))
+            torch.mul(p, -grad_out[rows, None].float(), out=grad[rows, :V])  # g (onehot - p)
+        return grad, None, None
+
+
+def _row_chunks(n: int, width: int) -> list[slice]:
+    step = max(1, CE_CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

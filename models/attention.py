@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HALF_TYPES = (torch.bfloat16, torch.float16)
 
 
 class Rotary(nn.Module):
@@ -44,20 +45,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: (B, H, L, D). Rotation in float32, result in x's dtype."""
+    """x: (B, H, L, D) -> rotated, in float32 (`attend` casts to the attention dtype)."""
     cos, sin = rotary
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return xf * cos + rotate_half(xf) * sin
 
 
 def attend(q, k, v, key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """q, k, v: (B, H, L, D); key_mask: (B, L) bool, True for real tokens -> (B, H, L, D)."""
-    if (
-        key_mask is None
-        and _HAS_FLASH_ATTN
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-    ):
+    """q, k, v: (B, H, L, D); key_mask: (B, L) bool, True for real tokens -> (B, H, L, D).
+
+    Runs in v's dtype on GPUs, and in float32 on CPU, where SDPA's bfloat16 backward is
+    about 3x slower than its float32 one; the output comes back in v's dtype.
+    """
+    dtype = torch.float32 if q.device.type == "cpu" else v.dtype
+    q, k = q.to(dtype), k.to(dtype)
+    if key_mask is None and _HAS_FLASH_ATTN and q.is_cuda and dtype in HALF_TYPES:
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(
@@ -65,4 +67,8 @@ def attend(q, k, v, key_mask: torch.Tensor | None = None, causal: bool = False) 
         )
         return out.transpose(1, 2)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would undo the fp32 choice
+        out = F.scaled_dot_product_attention(
+            q, k, v.to(dtype), attn_mask=attn_mask, is_causal=causal
+        )
+    return out.to(v.dtype)

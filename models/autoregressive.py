@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from models import attention
-from models.dit import EmbeddingLayer, LayerNorm
+from models.dit import EmbeddingLayer, LayerNorm, round_up
 
 
 class CausalBlock(nn.Module):
@@ -45,14 +45,15 @@ class AR(nn.Module):
     def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
         super().__init__()
         self.vocab_size = vocab_size
-        self.vocab_embed = EmbeddingLayer(cfg.hidden_size, vocab_size)
+        rows = round_up(vocab_size, cfg.get("vocab_multiple", 1))  # padding ids: see models.dit
+        self.vocab_embed = EmbeddingLayer(cfg.hidden_size, rows)
         self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
         self.blocks = nn.ModuleList(
             CausalBlock(cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout)
             for _ in range(cfg.n_blocks)
         )
         self.norm_final = LayerNorm(cfg.hidden_size)
-        self.linear = nn.Linear(cfg.hidden_size, out_dim or vocab_size)
+        self.linear = nn.Linear(cfg.hidden_size, out_dim or rows)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
