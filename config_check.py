@@ -25,6 +25,7 @@ CHOICES = {
     "training.loss_strategy": ["klweight", "none"],
     "training.kl_weighting": ["time", "steps"],
     "model.latent_struc": ["adaln"],
+    "model.type": ["ddit", "toy_mlp"],
     "decoder.mask_struc": ["adaln", "none"],
     "noise.type": ["loglinear", "linear", "cosine", "geometric"],
     "lr_scheduler.name": ["constant_warmup", "cosine_decay_warmup"],
@@ -50,8 +51,10 @@ RANGES = {
     "training.encoder_training_times": (1, None, True),
     "training.init_kl_weight": (0.0, 1.0, False),
     "training.kl_weight_interval": (0, None, True),
+    "training.kl_hold_steps": (0, None, True),
     "training.ema": (0.0, 0.999999, False),
     "training.sampling_eps": (0.0, 0.5, False),
+    "training.freeze_decoder_steps": (0, None, True),
     "eval.num_particles": (1, None, True),
     "sampling.steps": (1, None, True),
     "sampling.num_sample_batches": (0, None, True),
@@ -71,12 +74,15 @@ def validate_config(cfg: DictConfig) -> None:
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
     rules = (
+        _check_data,
         _check_backbone,
         _check_vae,
         _check_model_shape,
         _check_sampling_keys,
         _check_sampling,
         _check_eval,
+        _check_warm_start,
+        _check_strategy,
     )
     for rule in rules:
         rule(cfg)
@@ -103,6 +109,99 @@ def _check_range(cfg, key, lo, hi, integer):
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+
+
+# Non-text data (data.kind=grid / image, grid_data.py): what a local folder must hold.
+DATA_KINDS = ["text", "grid", "image"]
+LOCAL_FOLDERS = {
+    "mnist_local": "train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]",
+    "cifar10_local": "CIFAR-10's python batches (cifar-10-batches-py: data_batch_1..5, test_batch)",
+}
+
+
+def data_kind(cfg: DictConfig) -> str:
+    """text (tokenised corpora), grid (the checkerboard) or image (MNIST, CIFAR-10)."""
+    return cfg.data.get("kind", "text")
+
+
+def _check_data(cfg):
+    kind = data_kind(cfg)
+    if kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind={kind!r} is not one of {DATA_KINDS}")
+    if cfg.model.get("type") == "toy_mlp":
+        _check_toy_mlp(cfg, kind)
+    if kind == "text":
+        return
+    _check_local_folder(cfg)
+    _check_grid_data(cfg, kind)
+
+
+def _check_grid_data(cfg, kind):
+    d, name = cfg.data, cfg.data.name
+    shape = list(d.shape)
+    length = 1
+    for dim in shape:
+        length *= int(dim)
+    if cfg.model.length != length:
+        dims = " x ".join(str(dim) for dim in shape)
+        raise ConfigError(
+            f"model.length={cfg.model.length} but data={name} rows have {length} tokens "
+            f"({dims}): set model.length={length}"
+        )
+    key, lo, hi = ("levels", 2, 256) if kind == "image" else ("bins", 1, None)
+    _check_range(cfg, f"data.{key}", lo, hi, True)
+    if cfg.backbone == "ar":
+        raise ConfigError(
+            f"backbone=ar needs text data (rows open with BOS), not data={name}: "
+            "use backbone=dit parameterization=subs"
+        )
+    for key in ("prefix", "suffix", "template"):
+        if cfg.sampling.get(key):
+            raise ConfigError(
+                f"sampling.{key} conditions on text, but data={name} has none: drop sampling.{key}"
+            )
+    if cfg.eval.compute_generative_perplexity:
+        raise ConfigError(
+            f"eval.compute_generative_perplexity=True scores text with a judge LM, but "
+            f"data={name} is not text: set eval.compute_generative_perplexity=False "
+            "(sample_eval reports JS divergence / writes an image grid instead)"
+        )
+
+
+def _check_local_folder(cfg):
+    name = str(cfg.data.train)
+    if name not in LOCAL_FOLDERS:
+        return
+    path = cfg.data.get("path")
+    if not path:
+        raise ConfigError(
+            f"data={cfg.data.name} reads a local copy and data.path is not set: pass "
+            f"data.path=<folder holding {LOCAL_FOLDERS[name]}>"
+        )
+    if "://" not in str(path) and not os.path.isdir(os.path.expanduser(str(path))):
+        raise ConfigError(
+            f"data.path={path} is not a folder: point it at the folder holding "
+            f"{LOCAL_FOLDERS[name]}"
+        )
+
+
+def _check_toy_mlp(cfg, kind):
+    if kind != "grid":
+        raise ConfigError(
+            f"model=toy_mlp is an MLP for 2-token toy data (data=checkerboard), not "
+            f"data={cfg.data.name}: use a DiT model group (model=cpu, or model=pixel_tiny "
+            "for images)"
+        )
+    if not cfg.model.latent1d:
+        raise ConfigError(
+            "model=toy_mlp draws one z per sequence: set model.latent1d=True "
+            "(per-position latents need a DiT model group)"
+        )
+    if cfg.training.loss_type == "vae" and not cfg.decoder.get("emb_dim"):
+        raise ConfigError(
+            f"model=toy_mlp needs its MLP encoder sizes (decoder.emb_dim), but "
+            f"decoder={cfg.decoder.name} is a DiT group: use decoder=toy_mlp"
+        )
 
 
 def _check_backbone(cfg):
@@ -151,6 +250,25 @@ def _check_heads(prefix, m):
         )
 
 
+# precisions Lightning's ModelParallelStrategy (strategy=fsdp) accepts, besides auto
+FSDP_PRECISIONS = ["auto", "32-true", "32", "bf16-mixed", "bf16-true"]
+
+
+def _check_strategy(cfg):
+    if cfg.strategy.name != "fsdp":
+        return
+    if not isinstance(cfg.strategy.get("reshard_after_forward"), bool):
+        raise ConfigError(
+            f"strategy.reshard_after_forward={cfg.strategy.get('reshard_after_forward')!r} "
+            "must be True or False"
+        )
+    if cfg.mode == "train" and str(cfg.trainer.precision) not in FSDP_PRECISIONS:
+        raise ConfigError(
+            f"strategy=fsdp does not support trainer.precision={cfg.trainer.precision}: "
+            f"use one of {FSDP_PRECISIONS} or strategy=ddp"
+        )
+
+
 def _check_eval(cfg):
     if cfg.mode in ("ppl_eval", "sample_eval") and not cfg.eval.checkpoint_path:
         raise ConfigError(
@@ -159,11 +277,42 @@ def _check_eval(cfg):
     path = str(cfg.eval.checkpoint_path)
     if cfg.mode != "train" and "://" not in path and not os.path.exists(path):
         raise ConfigError(
-            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file"
+            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file "
+            "or of a folder written by scripts/export.py"
         )
     times = cfg.eval.get("ppl_times", 1)
     if not isinstance(times, int) or isinstance(times, bool) or times < 1:
         raise ConfigError(f"eval.ppl_times={times!r} must be an integer >= 1")
+
+
+def _check_warm_start(cfg):
+    """model.init_from / init_from_ema and training.freeze_decoder_steps (README "Warm start")."""
+    path, freeze = _get(cfg, "model.init_from"), _get(cfg, "training.freeze_decoder_steps")
+    if not isinstance(_get(cfg, "model.init_from_ema"), bool):
+        raise ConfigError(
+            f"model.init_from_ema={_get(cfg, 'model.init_from_ema')!r} must be True or False"
+        )
+    if path and cfg.backbone == "ar":
+        raise ConfigError(
+            f"model.init_from={path} loads a DiT (MDLM / vadd) checkpoint, but backbone=ar: "
+            "warm-start backbone=dit models only"
+        )
+    if path and cfg.mode == "train" and "://" not in str(path) and not os.path.exists(path):
+        raise ConfigError(
+            f"model.init_from={path} does not exist: pass an MDLM or vadd .ckpt, or a folder "
+            "with config.json and model.safetensors"
+        )
+    if freeze and cfg.training.loss_type != "vae":
+        raise ConfigError(
+            f"training.freeze_decoder_steps={freeze} trains only GenDIT's latent path and the "
+            f"encoder, which needs training.loss_type=vae (got {cfg.training.loss_type}): "
+            "set training.freeze_decoder_steps=0"
+        )
+    if freeze and not path:
+        raise ConfigError(
+            f"training.freeze_decoder_steps={freeze} would freeze an untrained decoder: "
+            "set model.init_from=<MDLM checkpoint> or training.freeze_decoder_steps=0"
+        )
 
 
 def resolve_predictor(cfg: DictConfig) -> str:

@@ -9,14 +9,18 @@ generation.py), data (dataloader.py).
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
+import interchange
 import losses
 import objectives
+import sharding
 import utils
 from errors import VaddError
 from models import build_networks
@@ -30,12 +34,15 @@ class NonFiniteLossError(VaddError):
 
 @dataclass(frozen=True)
 class Vocab:
-    """Token ids. `size` real tokens (ids 0..size-1); the [MASK] id is `size`."""
+    """Token ids. `size` real tokens (ids 0..size-1); the [MASK] id is `size`.
+
+    Non-text data (tokenization.GridTokenizer) has no BOS / EOS / PAD: those ids are None.
+    """
 
     size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
 
     @property
     def mask_id(self) -> int:
@@ -79,16 +86,30 @@ class Diffusion(L.LightningModule):
         self._resumed_mid_epoch = False
         self._resume_rng: list | None = None
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.backbone] + ([self.encoder] if self.encoder is not None else [])
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        nets = [self.backbone] + ([self.encoder] if self.encoder is not None else [])
-        return [p for net in nets for p in net.parameters() if p.requires_grad]
+        return [p for net in self.networks() for p in net.parameters() if p.requires_grad]
+
+    def configure_model(self) -> None:
+        """strategy=fsdp: shard the networks (FSDP2) before the optimiser is built; the EMA
+        shadows become the matching shards. Other strategies keep whole networks."""
+        if not sharding.is_fsdp(self.trainer.strategy):
+            return
+        reshard = self.cfg.strategy.reshard_after_forward
+        sharding.shard_networks(self.networks(), self.trainer.strategy, reshard)
+        if self.ema is not None:
+            self.ema.shard_like(self.trainable_parameters())
+
+    def _sharded(self) -> bool:
+        return self._trainer is not None and sharding.is_fsdp(self.trainer.strategy)
 
     # ---------------------------------------------------------------- objectives
     def beta(self) -> float:
         t = self.cfg.training
-        return losses.kl_beta(
-            self.global_step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval
-        )
+        step = max(0, self.global_step - t.get("kl_hold_steps", 0))  # held at init first
+        return losses.kl_beta(step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval)
 
     def draw_t(self, n: int, seed: int, micro: int = 0) -> torch.Tensor:
         """Antithetic t over the global batch; every rank draws the same u from `seed`."""
@@ -150,10 +171,14 @@ class Diffusion(L.LightningModule):
         out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws)
         if self.cfg.training.check_finite:
             self._check_finite(out.loss, batch)
-        self.manual_backward(out.loss / self.accumulate)
+        with self._grad_sync(last=micro + 1 == self.accumulate):
+            self.manual_backward(out.loss / self.accumulate)
         self._micro = (micro + 1) % self.accumulate
         if self._micro == 0:
-            self._clip(opt)
+            self._freeze_decoder_trunk()
+            norm = self._clip()
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True, batch_size=1)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -189,14 +214,33 @@ class Diffusion(L.LightningModule):
         self.manual_backward(out.loss)
         for p in self.backbone.parameters():
             p.grad = None
-        self._clip(opt)
+        self._clip()
         opt.optimizer.step()
         opt.zero_grad(set_to_none=True)
 
-    def _clip(self, opt):
+    def _freeze_decoder_trunk(self):
+        """training.freeze_decoder_steps=N: for the first N optimiser steps GenDIT's trunk
+        (all but latent_map) gets no gradient, so AdamW skips it (warm start, README)."""
+        if self.global_step < self.cfg.training.get("freeze_decoder_steps", 0):
+            for p in interchange.trunk_parameters(self.backbone):
+                p.grad = None
+
+    def _grad_sync(self, last: bool):
+        """DDP all-reduces the gradients on the last micro-batch of an accumulation window
+        only (no_sync before: local gradients add up). FSDP reduce-scatters every micro-batch,
+        so its gradients stay sharded."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
+
+    def _clip(self) -> torch.Tensor | None:
+        """Clip the gradients' global norm (over all shards under FSDP); return it, unclipped."""
         clip = self.cfg.trainer.gradient_clip_val
-        if clip and clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if not clip or clip <= 0:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
+        return sharding.full_tensor(norm).detach()
 
     def _log_train(self, out, beta, sched):
         log = {"trainer/loss": out.loss.detach(), "trainer/lr": sched.get_last_lr()[0]}
@@ -229,6 +273,8 @@ class Diffusion(L.LightningModule):
         self._val_sums = {}
         if self.ema is not None and not self.cfg.eval.disable_ema:
             self.ema.store_and_swap(self.trainable_parameters())
+        if self._sharded():  # no collectives per forward: ranks may run unequal batch counts
+            sharding.gather_for_eval(self.networks())
 
     def validation_step(self, batch, batch_idx):
         n = len(batch["input_ids"])
@@ -256,9 +302,13 @@ class Diffusion(L.LightningModule):
             k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()
         }
         self.results = utils.summarise_eval(sums, self.eval_draws)
+        if self.cfg.data.get("kind") == "image":  # one token per pixel value: bits per dim
+            self.results["bits_per_dim"] = self.results["bpd"]
         if not self.trainer.sanity_checking:
             logged = {f"val/{k}": v for k, v in self.results.items() if isinstance(v, float)}
             self.log_dict(logged, sync_dist=True, batch_size=1)  # equal on every rank
+        if self._sharded():  # the registered parameters are the shards again
+            sharding.reshard(self.networks(), self.cfg.strategy.reshard_after_forward)
         if self.ema is not None:
             self.ema.restore(self.trainable_parameters())
         utils.set_rng_state(self._rng_state)

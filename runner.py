@@ -7,16 +7,19 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dataloader
 import evaluation
+import interchange
+import sharding
 import utils
 from checkpoints import load_for_eval
 from config_check import ConfigError
 from diffusion import Diffusion, Vocab
 from models import count_parameters
+from tokenization import GridTokenizer
 
 MODULE_OWNED_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val")  # manual optimisation
 
@@ -35,7 +38,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return L.Trainer(
         **kwargs,
-        strategy=_strategy(cfg.strategy),
+        strategy=_strategy(cfg),
         callbacks=callbacks,
         logger=logger,
         default_root_dir=cfg.checkpointing.save_dir,
@@ -43,16 +46,14 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
-def _strategy(s: DictConfig):
-    if s.name == "ddp":
-        return DDPStrategy(find_unused_parameters=s.find_unused_parameters)
-    if s.name == "fsdp":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "strategy=fsdp needs CUDA GPUs (Lightning's FSDPStrategy refuses CPU): "
-                "use strategy=ddp on CPU"
-            )
-        return FSDPStrategy(sharding_strategy=s.sharding_strategy)
+def _strategy(cfg: DictConfig):
+    """ddp, fsdp (FSDP2, sharding.py) or Lightning's choice. Evaluation with strategy=fsdp
+    runs unsharded data parallel: forward passes need no optimiser state to shard."""
+    name = cfg.strategy.name
+    if name == "fsdp" and cfg.mode == "train":
+        return sharding.fsdp_strategy()
+    if name in ("ddp", "fsdp"):
+        return DDPStrategy(find_unused_parameters=cfg.strategy.get("find_unused_parameters", False))
     return "auto"
 
 
@@ -101,6 +102,11 @@ def eval_tokenizer(ckpt: dict, tokenizer):
     state = ckpt.get("vadd", {}).get("tokenizer")
     if state is None or state["fingerprint"] == dataloader.tokenizer_fingerprint(tokenizer):
         return tokenizer
+    if isinstance(tokenizer, GridTokenizer):  # bins / levels are the data, not a tokenizer
+        raise ConfigError(
+            f"the checkpoint was trained on {state['name']} but the data config gives "
+            f"{tokenizer.name_or_path}: set data.bins (or data.levels) to the training value"
+        )
     utils.print0(
         f"[vadd] using the checkpoint's tokenizer ({state['name']}), not the data config's"
     )
@@ -126,6 +132,8 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> 
     if cfg.checkpointing.resume_from_ckpt and path and fsspec.url_to_fs(path)[0].exists(path):
         ckpt = path
         utils.print0(f"[vadd] resuming from {path}")
+    elif cfg.model.get("init_from"):  # a fresh run only: a resumed run keeps its own weights
+        interchange.warm_start(module, cfg.model.init_from, cfg.model.init_from_ema)
     if trainer.is_global_zero:
         os.makedirs(cfg.checkpointing.save_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(cfg.checkpointing.save_dir, "config.yaml"), resolve=True)

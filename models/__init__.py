@@ -6,6 +6,7 @@ from torch import nn
 
 from models.autoregressive import AR
 from models.dit import DIT, GenDIT, InferDIT
+from models.toy_mlp import toy_networks
 
 
 def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Module | None]:
@@ -13,8 +14,11 @@ def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Modu
 
     backbone: AR for backbone=ar, GenDIT for loss_type=vae, else MDLM's DIT.
     encoder: InferDIT for loss_type=vae, else None.
+    model.type=toy_mlp: the MLP pair of models/toy_mlp.py instead (2-token toy data).
     """
-    if cfg.backbone == "ar":
+    if cfg.model.get("type") == "toy_mlp":
+        backbone, encoder = toy_networks(cfg, vocab_size)
+    elif cfg.backbone == "ar":
         backbone, encoder = AR(cfg.model, vocab_size), None
     elif cfg.training.loss_type == "vae":
         backbone = GenDIT(cfg.model, vocab_size)
@@ -31,7 +35,9 @@ def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Modu
 def compile_blocks(net: nn.Module) -> None:
     """Per-block torch.compile: small graphs compile fast and fuse AdaLN/gates/residuals."""
     for i, block in enumerate(net.blocks):
-        net.blocks[i] = torch.compile(block, dynamic=False)
+        # dynamic=None: static shapes first; a second shape (validation batch, the
+        # sampler's cached row subsets) recompiles once with dynamic sizes, not per shape.
+        net.blocks[i] = torch.compile(block, dynamic=None)
 
 
 def count_parameters(net: nn.Module | None) -> int:

@@ -3,12 +3,15 @@
 decay_n = min(decay, (1 + n) / (10 + n)) warms the average up over the first updates.
 `swapped_in(params)` temporarily loads the averages into the live parameters for
 evaluation or sampling and restores the training weights afterwards, even on error.
+Under FSDP (strategy=fsdp) the shadows are DTensor shards like the parameters; the state
+dict always holds whole tensors, so checkpoints look the same with or without sharding.
 """
 
 from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class ExponentialMovingAverage:
@@ -61,8 +64,15 @@ class ExponentialMovingAverage:
         finally:
             self.restore(params)
 
+    def shard_like(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Lay the shadows out like the (now sharded) parameters: keep this rank's shards."""
+        live = [p for p in params if p.requires_grad]
+        self.shadow = [_like(s, p) for s, p in zip(self.shadow, live, strict=True)]
+
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow}
+        """Whole tensors; under FSDP a collective (every rank calls it, as Lightning does)."""
+        shadow = [s.full_tensor() if isinstance(s, DTensor) else s for s in self.shadow]
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow_params"]) != len(self.shadow):
@@ -72,4 +82,14 @@ class ExponentialMovingAverage:
             )
         self.decay = state["decay"]
         self.num_updates = state["num_updates"]
-        self.shadow = [s.detach().clone() for s in state["shadow_params"]]
+        loaded = state["shadow_params"]
+        self.shadow = [_like(s.detach(), old) for s, old in zip(loaded, self.shadow, strict=True)]
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A copy of `full` laid out as `ref`: this rank's shard (a local slice, no communication)
+    when `ref` is a DTensor, else the whole tensor."""
+    if isinstance(ref, DTensor) and not isinstance(full, DTensor):
+        full = full.to(ref.device)
+        full = distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    return full.clone()  # own storage, not a view of the whole tensor

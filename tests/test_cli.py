@@ -111,7 +111,11 @@ BAD_INPUTS = [
     (["data=wikitext2"], "'wikitext2' is not cached", "run once with network access"),
     (["data=local_text", "data.path=/nonexistent/corpus"], "/nonexistent/corpus", "does not exist"),
     (["data=local_text"], "data.path is not set", "data.path=/path/to"),
-    (["strategy=fsdp"], "strategy=fsdp needs CUDA GPUs", "use strategy=ddp on CPU"),
+    (
+        ["strategy=fsdp", "trainer.precision=64-true"],
+        "strategy=fsdp does not support trainer.precision=64-true",
+        "or strategy=ddp",
+    ),
 ]
 
 

@@ -1,5 +1,7 @@
-"""DDP with 2 CPU processes (gloo) trains the same model as one process on the same global batch."""
+"""DDP and FSDP with 2 CPU processes (gloo) train the same model as one process on the same
+global batch, with EMA and gradient clipping active; an FSDP run resumes exactly."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -20,33 +22,103 @@ TINY = [
     "trainer.max_steps=3",
     "trainer.limit_val_batches=0",
     "training.loss_strategy=none",  # beta = 1 so the encoder learns from the first step
-    "logger=none",
+    "trainer.gradient_clip_val=0.05",  # the gradient norm is ~1: every step is clipped
+    "trainer.log_every_n_steps=1",
 ]
+TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2"]
+# Float tolerance between a distributed run and one process (different summation orders).
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def train(run_dir: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "main.py", f"hydra.run.dir={run_dir}", *TINY, *extra]
+def train(run_dir: Path, *extra: str, script: tuple[str, ...] = ("main.py",)) -> dict:
+    """Run main.py; return last.ckpt, plus the gradient norm of each optimiser step under
+    "grad_norms" (a logged value repeats on the rows of the following micro-batches) and
+    the job's standard output under "stdout"."""
+    cmd = [sys.executable, *script, f"hydra.run.dir={run_dir}", *TINY, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (run_dir / "stderr.log").write_text(proc.stderr)  # every rank's output, for failures
+    assert proc.returncode == 0, f"{run_dir}/stderr.log ends: {proc.stderr[-3000:]}"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    rows = csv.DictReader((run_dir / "logs" / "metrics.csv").open())
+    logged = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+    ckpt["grad_norms"] = [x for i, x in enumerate(logged) if i == 0 or x != logged[i - 1]]
+    ckpt["stdout"] = proc.stdout
+    return ckpt
 
 
-def assert_same_training(a: dict, b: dict) -> None:
+def assert_same_training(a: dict, b: dict, **tolerance) -> None:
+    """Same step, weights, EMA, AdamW moments and (pre-clipping) gradient norms."""
+    tolerance = tolerance or TOLERANCE
     assert a["global_step"] == b["global_step"] == 3
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
-        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, b["state_dict"][key], **tolerance, msg=key)
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 3
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x, y, **tolerance)
+    moments_a, moments_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    for key, state in moments_a.items():
+        torch.testing.assert_close(state["exp_avg_sq"], moments_b[key]["exp_avg_sq"], **tolerance)
+    assert len(a["grad_norms"]) == len(b["grad_norms"]) == 3
+    assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> dict:
-    return train(tmp_path_factory.mktemp("single"))
+    run = train(tmp_path_factory.mktemp("single"))
+    assert min(run["grad_norms"]) > 0.05, "gradient clipping must be active"
+    return run
 
 
 def test_ddp_two_cpu_processes_match_one_process(single, tmp_path):
-    ddp = train(tmp_path, "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    # 2 processes x 1 row x 4 accumulation steps: gradients are all-reduced on the last
+    # micro-batch of each step only (the micro model's gradients fit in one DDP bucket)
+    counting = ("tests/count_allreduce.py", "--config-path", str(ROOT / "configs"))
+    ddp = train(tmp_path, "strategy=ddp", *TWO_CPUS, "loader.batch_size=1", script=counting)
     assert_same_training(single, ddp)
+    calls = sorted(ln for ln in ddp["stdout"].splitlines() if ln.startswith("allreduce calls"))
+    assert calls == ["allreduce calls: 0 3", "allreduce calls: 1 3"]  # 3 steps, not 12
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> dict:
+    """FSDP2 on 2 CPU processes: 3 steps with a checkpoint and an (EMA) validation at step 2,
+    then a second run resumed from that checkpoint in a new folder."""
+    first = tmp_path_factory.mktemp("fsdp")
+    periodic = [
+        "callbacks.checkpoint_every_n_steps.every_n_train_steps=2",
+        "trainer.limit_val_batches=2",
+        "trainer.val_check_interval=2",
+    ]
+    full = train(first, "strategy=fsdp", *TWO_CPUS, *periodic)
+    resumed = train(
+        tmp_path_factory.mktemp("fsdp_resumed"),
+        "strategy=fsdp",
+        *TWO_CPUS,
+        *periodic,
+        f"checkpointing.resume_ckpt_path='{first / 'checkpoints' / 'step=2.ckpt'}'",  # quoted: '='
+    )
+    return {"full": full, "resumed": resumed}
+
+
+def test_fsdp_two_cpu_processes_match_one_process(single, fsdp):
+    full = fsdp["full"]
+    assert_same_training(single, full)
+    # one ordinary file of whole tensors (not DTensor shards): every checkpoint tool reads it
+    tensors = [*full["state_dict"].values(), *full["ema"]["shadow_params"]]
+    assert all(type(t) is torch.Tensor for t in tensors)
+    assert full["resume"]["data"] == {"epoch": 0, "start": 12, "seed": 1}  # 3 steps x 4 rows
+    assert len(full["resume"]["rng"]) == 2  # one RNG state per rank
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(single, fsdp):
+    resumed = dict(fsdp["resumed"], grad_norms=fsdp["full"]["grad_norms"])  # it logs step 2 only
+    assert fsdp["resumed"]["grad_norms"] == fsdp["full"]["grad_norms"][2:]
+    assert_same_training(fsdp["full"], resumed, rtol=0, atol=0)
+    assert resumed["resume"]["data"] == fsdp["full"]["resume"]["data"]
+    for a, b in zip(resumed["resume"]["rng"], fsdp["full"]["resume"]["rng"], strict=True):
+        assert torch.equal(a["torch"], b["torch"])
 
 
 def test_gradient_accumulation_matches_the_full_batch(single, tmp_path):
