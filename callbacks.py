@@ -20,14 +20,22 @@ class SafetyCheckpoint(Callback):
 
     def __init__(self, dirpath: str, filename: str = "last"):
         self.path = os.path.join(dirpath, f"{filename}.ckpt")
-        self.saved_step = -1
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self.saved_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self.saved_step:
+        if not self._last_is_final(trainer):
             trainer.save_checkpoint(self.path)
+
+    def _last_is_final(self, trainer) -> bool:
+        """Did a ModelCheckpoint with save_last already write the final step to our path?
+
+        (Any other save at the final step, e.g. best.ckpt after the last validation, does
+        not count: last.ckpt would still hold an older step.)"""
+        return any(
+            cb.save_last
+            and os.path.abspath(cb.last_model_path or "") == os.path.abspath(self.path)
+            and cb._last_global_step_saved == trainer.global_step
+            for cb in trainer.checkpoint_callbacks
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):

@@ -11,13 +11,20 @@ class CheckpointError(VaddError, RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load through fsspec; missing, truncated or foreign files raise CheckpointError."""
+def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
+    """torch.load through fsspec; missing, truncated or foreign files raise CheckpointError.
+
+    A folder written by scripts/export.py reads as a checkpoint too (interchange.read_export).
+    """
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
         raise CheckpointError(
-            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file"
+            f"{key}={path} does not exist: pass the path of a .ckpt file or an exported folder"
         )
+    if fs.isdir(p):
+        import interchange  # imports this module
+
+        return interchange.read_export(path)
     try:
         with fs.open(p, "rb") as f:
             ckpt = torch.load(f, map_location="cpu", weights_only=False)
@@ -76,7 +83,10 @@ def load_for_eval(module, ckpt: dict, path: str) -> None:
     check_compatible(module, ckpt["state_dict"], path)
     _check_same_process(module.cfg, ckpt.get("vadd", {}).get("config"), path)
     module.load_state_dict(ckpt["state_dict"])
-    if module.ema is not None and "ema" not in ckpt:  # trained with training.ema=0
+    if module.ema is not None and ckpt.get("exported_weights") == "EMA":
+        # an exported folder holds the EMA as its weights: evaluate (and report) them as EMA
+        module.ema.shadow = [p.detach().clone() for p in module.trainable_parameters()]
+    elif module.ema is not None and "ema" not in ckpt:  # trained with training.ema=0
         print(f"[vadd] {path} has no EMA weights: evaluating its raw weights", flush=True)
         module.ema = None
     module.on_load_checkpoint(ckpt)

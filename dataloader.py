@@ -12,6 +12,9 @@ Rows are dict(input_ids, attention_mask), LongTensors of shape (L,).
 
 The mask token is not part of any tokenizer: models use mask_id = len(tokenizer) and a
 vocabulary of len(tokenizer) + 1. GPT-2 pads with EOS (50256), never with the mask (50257).
+
+Non-text data (data.kind=grid / image: the checkerboard, MNIST, CIFAR-10) comes from
+grid_data.py as fixed-length rows without framing; the loaders below serve both.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import grid_data
 from data_cache import PIPELINE_VERSION, cache_path, digest, exists, is_local, slug
 from data_order import ResumableSampler
 from data_sources import DataUnavailableError, get_source
@@ -75,6 +79,8 @@ def get_dataset(
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {sorted(SPLITS)}")
     split = SPLITS[split]
+    if grid_data.is_grid_data(data_cfg):  # checkerboard, images: fixed rows, no tokenizer
+        return grid_data.get_dataset(data_cfg, split, length)
     name = str(data_cfg.train if split == "train" else data_cfg.valid)
     source = get_source(name)
     detokenizer = detokenizer_for(data_cfg, source)

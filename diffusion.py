@@ -267,6 +267,11 @@ class Diffusion(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- evaluation
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep the gradients: Lightning zeroes them before every validation, which would
+        silently drop a partial accumulation window when validation falls inside one
+        (val_check_interval counts micro-batches). The optimizer step zeroes them itself."""
+
     def on_validation_epoch_start(self):
         self._rng_state = utils.get_rng_state()
         torch.manual_seed(self.cfg.seed)  # the same masks every validation: comparable numbers

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import gen_ppl
+import grid_data
 import utils
 from config_check import resolve_predictor
 from diffusion import Diffusion
@@ -50,8 +51,9 @@ def run_ppl_eval(
     if trainer.is_global_zero:
         path = f"{cfg.eval.output_dir}/ppl_eval.json"
         utils.write_json(path, results)
+        bits = f" bits/dim={results['bits_per_dim']:.4f}" if "bits_per_dim" in results else ""
         utils.print0(
-            f"[ppl_eval] {cfg.data.name}: ppl={results['ppl']:.3f} nll={results['nll']:.4f} "
+            f"[ppl_eval] {cfg.data.name}: ppl={results['ppl']:.3f} nll={results['nll']:.4f}{bits} "
             f"({results['bound']}, {results['weights']} weights, "
             f"{module.eval_draws} draw(s)) -> {path}"
         )
@@ -108,6 +110,12 @@ def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: st
     seconds = round(time.time() - start, 2)
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
     any_order = predictor == "any_order"
+    tag = _sample_tag(cfg, predictor, fixz if uses_z else None, x_cond is not None)
+    out = f"{cfg.eval.output_dir}/samples_{tag}"
+    if grid_data.is_grid_data(cfg.data):  # checkerboard JS / image grid, and <out>.png
+        scores = grid_data.score_samples(cfg.data, tokens, out)
+    else:
+        scores = score_samples(cfg, tokens, tokenizer, module.device)
     results = {
         "mode": "sample_eval",
         "checkpoint": ckpt_path,
@@ -122,15 +130,14 @@ def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: st
         "num_samples": len(texts),
         "seconds": seconds,
         "nfe_per_sequence": nfe,
-        **score_samples(cfg, tokens, tokenizer, module.device),
+        **scores,
         "samples": texts,
         "token_ids": tokens.tolist(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    tag = _sample_tag(cfg, predictor, results["fixz"], x_cond is not None)
-    out = f"{cfg.eval.output_dir}/samples_{tag}"
     utils.write_json(out + ".json", results)
     utils.write_text(out + ".txt", "\n\n==========\n\n".join(texts) + "\n")
     gen = f", gen-PPL {results['gen_ppl']:.2f}" if "gen_ppl" in results else ""
+    gen += f", JS {results['js_divergence']:.4f} nats" if "js_divergence" in results else ""
     utils.print0(f"[sample_eval] {len(texts)} samples in {seconds} s{gen} -> {out}.json")
     return results

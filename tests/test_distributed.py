@@ -1,5 +1,5 @@
 """DDP and FSDP with 2 CPU processes (gloo) train the same model as one process on the same
-global batch, with EMA and gradient clipping active; an FSDP run resumes exactly."""
+global batch, with EMA and gradient clipping active; DDP and FSDP runs resume exactly."""
 
 import csv
 import os
@@ -71,14 +71,32 @@ def single(tmp_path_factory) -> dict:
     return run
 
 
-def test_ddp_two_cpu_processes_match_one_process(single, tmp_path):
+PERIODIC = [  # a checkpoint and an (EMA) validation at step 2 of 3
+    "callbacks.checkpoint_every_n_steps.every_n_train_steps=2",
+    "trainer.limit_val_batches=2",
+    "trainer.val_check_interval=2",
+]
+
+
+def resume_from_step2(first: Path, run_dir: Path, *extra: str, **kwargs) -> dict:
+    """A second run resumed from the first run's step-2 checkpoint, in a new folder."""
+    step2 = first / "checkpoints" / "step=2.ckpt"
+    return train(run_dir, *extra, f"checkpointing.resume_ckpt_path='{step2}'", **kwargs)  # '='
+
+
+def test_ddp_two_cpu_processes_match_one_process_and_resume(single, tmp_path):
     # 2 processes x 1 row x 4 accumulation steps: gradients are all-reduced on the last
     # micro-batch of each step only (the micro model's gradients fit in one DDP bucket)
     counting = ("tests/count_allreduce.py", "--config-path", str(ROOT / "configs"))
-    ddp = train(tmp_path, "strategy=ddp", *TWO_CPUS, "loader.batch_size=1", script=counting)
+    ddp_args = ("strategy=ddp", *TWO_CPUS, "loader.batch_size=1", *PERIODIC)
+    ddp = train(tmp_path / "full", *ddp_args, script=counting)
     assert_same_training(single, ddp)
     calls = sorted(ln for ln in ddp["stdout"].splitlines() if ln.startswith("allreduce calls"))
     assert calls == ["allreduce calls: 0 3", "allreduce calls: 1 3"]  # 3 steps, not 12
+    resumed = resume_from_step2(tmp_path / "full", tmp_path / "resumed", *ddp_args)
+    assert resumed["grad_norms"] == ddp["grad_norms"][2:]  # the resumed run logs step 2 only
+    assert_same_training(ddp, dict(resumed, grad_norms=ddp["grad_norms"]), rtol=0, atol=0)
+    assert resumed["resume"]["data"] == ddp["resume"]["data"]
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +104,9 @@ def fsdp(tmp_path_factory) -> dict:
     """FSDP2 on 2 CPU processes: 3 steps with a checkpoint and an (EMA) validation at step 2,
     then a second run resumed from that checkpoint in a new folder."""
     first = tmp_path_factory.mktemp("fsdp")
-    periodic = [
-        "callbacks.checkpoint_every_n_steps.every_n_train_steps=2",
-        "trainer.limit_val_batches=2",
-        "trainer.val_check_interval=2",
-    ]
-    full = train(first, "strategy=fsdp", *TWO_CPUS, *periodic)
-    resumed = train(
-        tmp_path_factory.mktemp("fsdp_resumed"),
-        "strategy=fsdp",
-        *TWO_CPUS,
-        *periodic,
-        f"checkpointing.resume_ckpt_path='{first / 'checkpoints' / 'step=2.ckpt'}'",  # quoted: '='
+    full = train(first, "strategy=fsdp", *TWO_CPUS, *PERIODIC)
+    resumed = resume_from_step2(
+        first, tmp_path_factory.mktemp("fsdp_resumed"), "strategy=fsdp", *TWO_CPUS, *PERIODIC
     )
     return {"full": full, "resumed": resumed}
 

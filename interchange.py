@@ -1,0 +1,366 @@
+"""Interchange: warm-start from MDLM checkpoints; export and import Hugging Face-style folders.
+
+Weights come from
+- a Lightning `.ckpt` (MDLM's or ours): `state_dict` with `backbone.` (and for VADD
+  `encoder.`) prefixes, and an `ema` entry whose `shadow_params` list follows the order of
+  the parameters in `state_dict` (then the noise schedule's, none for loglinear);
+- a folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`): MDLM's
+  Hugging Face export, or one written by `scripts/export.py` (`format: vadd`).
+
+Names are MDLM's (models/dit.py keeps them), so the mapping is one to one. The only
+reshaping is the vocabulary: the embedding table and the output projection may carry
+padding rows beyond the real vocabulary (real tokens + [MASK]); the real rows are copied
+and the padding rows zero-filled, and only a different real vocabulary is refused.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import fsspec
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+import utils
+from checkpoints import CheckpointError, read_checkpoint
+from models.ema import ExponentialMovingAverage
+
+FORMAT_VERSION = 1
+NETWORKS = ("backbone.", "encoder.")
+BUFFER_SUFFIXES = ("inv_freq", "cos_cached", "sin_cached")  # rotary caches: recomputed
+LATENT = "backbone.latent_map."  # GenDIT's latent path g(z); the rest of GenDIT is the trunk
+
+
+@dataclass
+class Source:
+    """Weights read from a checkpoint or folder, with the names of the vadd modules."""
+
+    tensors: dict[str, torch.Tensor]  # "backbone.*" / "encoder.*" -> tensor
+    weights: str  # "EMA" or "raw": what `tensors` are
+    model_size: int | None  # real vocabulary + [MASK] of the source, when it says
+    config: dict | None  # the vadd config of the source, when it is ours
+
+
+# ---------------------------------------------------------------- reading weights
+def read_source(path: str, use_ema: bool) -> Source:
+    """The weights of a `.ckpt` or a folder, EMA or raw (a folder holds one set)."""
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    if not fs.exists(p):
+        raise CheckpointError(
+            f"model.init_from={path} does not exist: pass an MDLM or vadd .ckpt, or a folder "
+            "with config.json and model.safetensors"
+        )
+    if fs.isdir(p):
+        return _read_folder_source(path)
+    ckpt = read_checkpoint(path, key="model.init_from")
+    state = _network_tensors(ckpt["state_dict"])
+    weights = "raw"
+    if use_ema and ckpt.get("ema"):
+        state, weights = ema_tensors(state, ckpt["ema"], path), "EMA"
+    elif use_ema:
+        utils.print0(f"[vadd] {path} has no EMA weights: warm-starting from its raw weights")
+    vadd = ckpt.get("vadd", {})
+    size = vadd["vocab"]["size"] + 1 if vadd.get("vocab") else None
+    return Source(state, weights, size, vadd.get("config"))
+
+
+def _network_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`backbone.*` / `encoder.*` entries (bare DiT names get `backbone.`), in stored order,
+    without rotary caches and `torch.compile`'s `_orig_mod.` infix."""
+    if not any(k.startswith(NETWORKS) for k in state) and "vocab_embed.embedding" in state:
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key.startswith(NETWORKS) and not key.endswith(BUFFER_SUFFIXES):
+            out[key.replace("_orig_mod.", "")] = value
+    return out
+
+
+def ema_tensors(state: dict[str, torch.Tensor], ema: dict, path: str) -> dict[str, torch.Tensor]:
+    """Name MDLM-style EMA shadows: `shadow_params` follows the parameters' order in
+    `state` (extra trailing tensors, e.g. a learned noise schedule's, are ignored)."""
+    shadow = ema["shadow_params"]
+    if len(shadow) < len(state):
+        raise CheckpointError(
+            f"{path}: its EMA holds {len(shadow)} tensors but its state_dict {len(state)} "
+            "network weights: use model.init_from_ema=False to load the raw weights"
+        )
+    named = {}
+    for (key, value), avg in zip(state.items(), shadow, strict=False):
+        if avg.shape != value.shape:
+            raise CheckpointError(
+                f"{path}: EMA tensor for {key} has shape {tuple(avg.shape)} but the weight "
+                f"{tuple(value.shape)}: the EMA list is not in state_dict order; "
+                "use model.init_from_ema=False"
+            )
+        named[key] = avg.detach().to(value.dtype)
+    return named
+
+
+def _read_folder_source(path: str) -> Source:
+    config = _read_json(os.path.join(path, "config.json"), path)
+    state = _network_tensors(_read_folder_weights(path))
+    if config.get("format") == "vadd":
+        size = config["vocab"]["size"] + 1
+        return Source(state, config.get("weights", "raw"), size, config.get("config"))
+    return Source(state, "as saved in the folder", None, None)  # e.g. MDLM's Hugging Face export
+
+
+def _read_folder_weights(path: str) -> dict[str, torch.Tensor]:
+    safetensors_path = os.path.join(path, "model.safetensors")
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        from safetensors.torch import load_file
+
+        return load_file(safetensors_path)
+    if os.path.exists(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise CheckpointError(
+        f"{path} has no model.safetensors or pytorch_model.bin: pass a folder written by "
+        "scripts/export.py (or an MDLM Hugging Face folder)"
+    )
+
+
+def _read_json(file: str, folder: str) -> dict:
+    if not os.path.exists(file):
+        raise CheckpointError(f"{folder} has no config.json: it is not a model folder")
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- warm start
+def warm_start(module, path: str, use_ema: bool) -> int:
+    """Load `path` into the module's networks before training; returns the tensors loaded.
+
+    GenDIT's latent path (`latent_map`) and the encoder keep their initialisation unless
+    the source has them; latent_map's output layer is then zeroed, so the warm-started
+    GenDIT equals the loaded MDLM for every z. The EMA restarts from the loaded weights.
+    """
+    source = read_source(path, use_ema)
+    _check_time_conditioning(module.cfg, source.config, path)
+    own = dict(module.named_parameters())
+    own = {k.replace("_orig_mod.", ""): v for k, v in own.items()}
+    _check_fits(own, source, module.vocab.model_size, path)
+    _copy_into(own, source.tensors, module.vocab.model_size)
+    note = _kept_note(own, source.tensors)
+    if not any(k.startswith(LATENT) for k in source.tensors) and _zero_latent_output(module):
+        note += " (latent_map's output layer zeroed: GenDIT = the loaded model for every z)"
+    if module.ema is not None:
+        module.ema = ExponentialMovingAverage(module.trainable_parameters(), module.ema.decay)
+    utils.print0(
+        f"[vadd] warm start from {path}: loaded {len(source.tensors)} tensors "
+        f"({source.weights} weights); {note}"
+    )
+    return len(source.tensors)
+
+
+def _check_fits(own: dict, source: Source, model_size: int, path: str) -> None:
+    """Refuse unknown weights, missing trunk weights and shapes that do not fit."""
+    unknown = [k for k in source.tensors if k not in own]
+    if unknown:
+        vadd = any(k.startswith(("encoder.", LATENT)) for k in unknown)
+        hint = " (a VADD checkpoint: set training.loss_type=vae?)" if vadd else ""
+        raise CheckpointError(
+            f"model.init_from={path} has {len(unknown)} weights the model lacks, "
+            f"e.g. {unknown[0]}{hint}"
+        )
+    trunk = [k for k in own if k.startswith("backbone.") and not k.startswith(LATENT)]
+    missing = [k for k in trunk if k not in source.tensors]
+    if missing:
+        raise CheckpointError(
+            f"model.init_from={path} lacks {len(missing)} decoder weights, e.g. {missing[0]}: "
+            "it is not an MDLM/vadd DiT checkpoint of this architecture"
+        )
+    src_size = source.model_size
+    for key, tensor in source.tensors.items():
+        want = own[key].shape
+        if _vocab_rows(key):  # compare the real vocabulary, not the padding
+            rows = src_size or tensor.shape[0]
+            got, want = (rows, *tensor.shape[1:]), (model_size, *want[1:])
+            ok = got == want and tensor.shape[0] >= rows
+        else:
+            got, ok = tuple(tensor.shape), tensor.shape == want
+        if not ok:
+            raise CheckpointError(
+                f"model.init_from={path}: {key} has shape {tuple(got)} in the checkpoint but "
+                f"{tuple(want)} in the model built from the config: the checkpoint was trained "
+                "with another vocabulary or model size (check data=..., model=..., decoder=...)"
+            )
+
+
+def _vocab_rows(key: str) -> bool:
+    """Tensors with one row per token id (possibly padded past the real vocabulary)."""
+    return key.endswith("vocab_embed.embedding") or key.startswith("backbone.output_layer.linear.")
+
+
+def _check_time_conditioning(cfg: DictConfig, source_cfg: dict | None, path: str) -> None:
+    before = (source_cfg or {}).get("time_conditioning")
+    if before is not None and before != cfg.time_conditioning:
+        raise CheckpointError(
+            f"model.init_from={path} was trained with time_conditioning={before} but the "
+            f"config has time_conditioning={cfg.time_conditioning}: set time_conditioning={before}"
+        )
+
+
+@torch.no_grad()
+def _copy_into(own: dict[str, nn.Parameter], tensors: dict, model_size: int) -> None:
+    for key, tensor in tensors.items():
+        target = own[key]
+        if _vocab_rows(key):
+            target.zero_()  # padding rows (>= model_size) stay zero
+            target[:model_size].copy_(tensor[:model_size])
+        else:
+            target.copy_(tensor)
+
+
+@torch.no_grad()
+def _zero_latent_output(module) -> bool:
+    """g(z)'s last Linear -> 0: c = SiLU(emb(sigma)) + 0, the loaded MDLM's conditioning.
+    False when there is none (an MDLM model, or latentMLP=False: g is the identity)."""
+    latent_map = getattr(module.backbone, "latent_map", None)
+    linears = [m for m in latent_map.modules() if isinstance(m, nn.Linear)] if latent_map else []
+    if linears:
+        nn.init.zeros_(linears[-1].weight)
+        nn.init.zeros_(linears[-1].bias)
+    return bool(linears)
+
+
+def _kept_note(own: dict, loaded: dict) -> str:
+    def part(key: str) -> str:  # "backbone.latent_map", or "encoder" as a whole
+        return "encoder" if key.startswith("encoder.") else ".".join(key.split(".")[:2])
+
+    kept = sorted({part(k) for k in own if k not in loaded})
+    if not kept:
+        return "every weight came from it"
+    return "kept at initialisation: " + ", ".join(kept)
+
+
+def trunk_parameters(backbone: nn.Module) -> list[nn.Parameter]:
+    """GenDIT's decoder trunk: every parameter except the latent path `latent_map`."""
+    return [
+        p
+        for name, p in backbone.named_parameters()
+        if not name.replace("_orig_mod.", "").startswith("latent_map.")
+    ]
+
+
+# ---------------------------------------------------------------- export / import
+def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
+    """Write a vadd checkpoint as config.json + model.safetensors + tokenizer + README.md."""
+    from safetensors.torch import save_file
+
+    ckpt = read_checkpoint(ckpt_path)
+    vadd = ckpt.get("vadd")
+    if not vadd:
+        raise CheckpointError(f"{ckpt_path} is not a vadd checkpoint (no 'vadd' entry)")
+    state = _network_tensors(ckpt["state_dict"])
+    weights = "raw"
+    if not raw and ckpt.get("ema"):
+        state, weights = ema_tensors(state, ckpt["ema"], ckpt_path), "EMA"
+    os.makedirs(out, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = _write_tokenizer(out, vadd.get("tokenizer"))
+    config = {
+        "format": "vadd",
+        "format_version": FORMAT_VERSION,
+        "weights": weights,
+        "global_step": int(ckpt.get("global_step", 0)),
+        "vocab": {**vadd["vocab"], "model_size": vadd["vocab"]["size"] + 1},
+        "tokenizer": tokenizer,
+        "parameters": {k: list(v.shape) for k, v in tensors.items()},
+        "config": vadd["config"],
+    }
+    _write_json(os.path.join(out, "config.json"), config)
+    _write_model_card(out, config, sum(v.numel() for v in tensors.values()))
+    return config
+
+
+def _write_tokenizer(out: str, state: dict | None) -> dict | None:
+    """tokenizer.json (the tokenizers library's file) + tokenizer_config.json (its specials)."""
+    if state is None:
+        return None
+    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(state["json"])
+    hf = {"tokenizer_class": "PreTrainedTokenizerFast", "name_or_path": state["name"]}
+    _write_json(os.path.join(out, "tokenizer_config.json"), {**hf, **state["specials"]})
+    return {k: state[k] for k in ("name", "specials", "fingerprint")}
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def _write_model_card(out: str, config: dict, num_params: int) -> None:
+    cfg = config["config"]
+    kind = {"vae": "VADD (GenDIT decoder + InferDIT encoder)", "mdlm": "MDLM (DiT)"}
+    name = "autoregressive DiT" if cfg["backbone"] == "ar" else kind[cfg["training"]["loss_type"]]
+    m = cfg["model"]
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by vadd `scripts/export.py` (format version {config['format_version']}).",
+        "",
+        f"- weights: {config['weights']}, after {config['global_step']} optimiser steps",
+        f"- parameters: {num_params:,}; hidden {m['hidden_size']}, {m['n_blocks']} blocks, "
+        f"{m['n_heads']} heads, length {m['length']}",
+        f"- data: {cfg['data']['name']}; vocabulary {config['vocab']['size']} tokens + [MASK]",
+        f"- tokenizer: {(config['tokenizer'] or {}).get('name', 'from the data config')}",
+        "",
+        "Evaluate with the vadd code (the command-line overrides of the training run still "
+        "choose the model size):",
+        "",
+        "```bash",
+        f"python main.py mode=ppl_eval eval.checkpoint_path={os.path.abspath(out)} <overrides>",
+        "```",
+        "",
+        "Files: `config.json` (resolved vadd config, vocabulary, tokenizer identity), "
+        "`model.safetensors` (`backbone.*` decoder, `encoder.*` encoder), `tokenizer.json`.",
+    ]
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def read_export(path: str) -> dict:
+    """A folder from scripts/export.py as a checkpoint dict `checkpoints.load_for_eval` takes."""
+    config = _read_json(os.path.join(path, "config.json"), path)
+    if config.get("format") != "vadd":
+        raise CheckpointError(
+            f"{path} is not a vadd export (config.json has no format=vadd): an MDLM folder "
+            "can warm-start training with model.init_from=<folder>"
+        )
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {config['format_version']}, newer than this code "
+            f"reads ({FORMAT_VERSION}): update vadd"
+        )
+    state = _read_folder_weights(path)
+    return {
+        "state_dict": state,
+        "global_step": config.get("global_step", 0),
+        "exported_weights": config["weights"],
+        "vadd": {
+            "config": config["config"],
+            "vocab": {k: v for k, v in config["vocab"].items() if k != "model_size"},
+            "tokenizer": _read_tokenizer_state(path, config.get("tokenizer")),
+        },
+    }
+
+
+def _read_tokenizer_state(path: str, info: dict | None) -> dict | None:
+    """Rebuild the tokenizer state a checkpoint stores; refuse an edited tokenizer.json."""
+    if info is None:
+        return None
+    from tokenization import tokenizer_fingerprint, tokenizer_from_state
+
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+        state = {**info, "json": f.read()}
+    if tokenizer_fingerprint(tokenizer_from_state(state)) != info["fingerprint"]:
+        raise CheckpointError(
+            f"{path}/tokenizer.json does not match the fingerprint in config.json: the "
+            "tokenizer was changed after export; export the checkpoint again"
+        )
+    return state
