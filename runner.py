@@ -28,8 +28,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in MODULE_OWNED_TRAINER_KEYS:
         kwargs.pop(key)
-    if kwargs["precision"] == "auto":
-        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    kwargs["precision"] = resolve_precision(kwargs["precision"], kwargs["accelerator"])
     logger = _logger(cfg) if cfg.mode == "train" else False
     callbacks = []
     if cfg.mode == "train":
@@ -44,6 +43,16 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         default_root_dir=cfg.checkpointing.save_dir,
         use_distributed_sampler=False,  # data_order.ResumableSampler shards by rank itself
     )
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """`auto`: bf16-mixed where the hardware multiplies bf16 fast (CUDA GPUs, and CPUs with
+    AMX tiles, where bf16 matmuls run 6-10x faster than float32), else 32-true."""
+    if precision != "auto":
+        return precision
+    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16-mixed" if gpu or amx else "32-true"
 
 
 def _strategy(cfg: DictConfig):

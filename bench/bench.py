@@ -170,8 +170,7 @@ def compose_cfg(args: argparse.Namespace, loss_type: str, workdir: str) -> DictC
         cfg.callbacks = {}  # no checkpoints, no LR monitor: they are not per-step work
         t = cfg.trainer
         t.accelerator, t.devices, t.num_nodes = ("gpu" if args.device == "cuda" else "cpu"), 1, 1
-        if t.precision == "auto" and args.device == "cpu":  # runner's auto keys on CUDA presence
-            t.precision = "32-true"
+        t.precision = runner.resolve_precision(t.precision, t.accelerator)  # recorded as run
         t.max_epochs = 1  # the in-memory dataset holds exactly the batches we time
         t.limit_train_batches = 1.0
         t.limit_val_batches = train_batches

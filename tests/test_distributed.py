@@ -24,6 +24,7 @@ TINY = [
     "training.loss_strategy=none",  # beta = 1 so the encoder learns from the first step
     "trainer.gradient_clip_val=0.05",  # the gradient norm is ~1: every step is clipped
     "trainer.log_every_n_steps=1",
+    "trainer.precision=32-true",  # auto may pick bf16-mixed (AMX CPUs): keep float32 sums
 ]
 TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2"]
 # Float tolerance between a distributed run and one process (different summation orders).
