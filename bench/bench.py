@@ -25,10 +25,7 @@ import gc
 import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +34,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's modules (runner, diffusion, ...) are top level
+sys.path.insert(0, str(ROOT / "bench"))  # measure.py beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # GPT-2 and the BPE tokenizers load offline
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from measure import (  # noqa: E402
+    FLOPS_FORMULA,
+    BatchTimer,
+    environment,
+    figure,
+    flops_per_token,
+    git_commit,
+    measure_cpu_peak_tflops,
+    non_embedding_params,
+    peak_memory,
+    reset_peak_memory,
+    window_rates,
+)
 from omegaconf import DictConfig, open_dict  # noqa: E402
+from report import compare_with_anchor, print_table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import dataloader  # noqa: E402
@@ -62,39 +73,10 @@ DEFAULTS = {  # per device: CPU keeps the default run of both loss types under ~
     "cuda": {"warmup": 10, "steps_per_repeat": 20, "repeats": 5, "sample_repeats": 3},
 }
 H100_BF16_DENSE_TFLOPS = 989.0
-FLOPS_FORMULA = (
-    "model FLOPs per token, forward + backward, per network pass: "
-    "6 * N + 12 * n_blocks * hidden * L, where N = the network's parameters minus its token "
-    "embedding table (a lookup, not a matmul) and the second term is attention (QK^T and AV). "
-    "Every other parameter is counted as a per-token matmul, including the output projection "
-    "over all L positions (the code projects masked rows only; MDLM's reference projects all) "
-    "and the per-sequence time/latent MLPs and decoder AdaLN layers (a few % overcount at "
-    "model=small). Training: mdlm = decoder; vae = encoder_training_times * (num_particles * "
-    "decoder + encoder). ppl_eval is forward only (1/3 of the above): mdlm = decoder; vae = "
-    "encoder + (eval.num_particles + 1) * decoder (the +1 is the prior-z NELBO it also reports). "
-    "MFU = FLOPs per token * tokens/s / peak FLOP/s."
-)
 DATA_FEED = (
     "random token ids in [0, vocab) from an in-memory Dataset (attention mask all ones, as "
     "for wrapped data); data loading and tokenisation are not measured"
 )
-# The MDLM reference code on one H100, bf16, DiT small, L=1024, batch 32, GPT-2 vocabulary
-# (spec section 6), and our targets on the same device and shapes.
-ANCHOR = {
-    "train_tokens_per_s": 112.8e3,
-    "ppl_eval_tokens_per_s": 319e3,
-    "sampling_s": {16: 1.00, 128: 7.42, 1024: 60.6},
-}
-TARGETS = {
-    "train_tokens_per_s": {"mdlm": 460e3, "vae": 245e3},
-    "ppl_eval_tokens_per_s": {"mdlm": 1.2e6},
-    "sampling_s": {1024: 12.0},
-}
-
-
-def figure(value: float, unit: str, **extra) -> dict:
-    """Every number in the report carries its unit."""
-    return {"value": value, "unit": unit, **extra}
 
 
 # ---------------------------------------------------------------- command line
@@ -206,88 +188,6 @@ def random_loader(cfg: DictConfig, batch: int, batches: int, vocab: int, device:
     return DataLoader(
         rows, batch_size=batch, shuffle=False, drop_last=True, pin_memory=device == "cuda"
     )
-
-
-class BatchTimer(Callback):
-    """Timestamps the end of every training / validation batch, after the device is idle."""
-
-    def __init__(self, device: str):
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.stamps: dict[str, list[float]] = {"train": [], "validate": []}
-
-    def _stamp(self, stage: str) -> None:
-        self.sync()  # kernels are asynchronous: wait for them, or we time the launch only
-        self.stamps[stage].append(time.perf_counter())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._stamp("train")
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_):
-        self._stamp("validate")
-
-
-def window_rates(stamps: list[float], warmup: int, steps: int, repeats: int, per_batch: float):
-    """Rates (per_batch units per second) of `repeats` consecutive windows of `steps` batches
-    after `warmup` batches; the end of the last warm-up batch starts the first window."""
-    if len(stamps) < warmup + steps * repeats:
-        raise RuntimeError(f"only {len(stamps)} batches ran, {warmup + steps * repeats} expected")
-    rates = []
-    for r in range(repeats):
-        start, end = warmup - 1 + r * steps, warmup - 1 + (r + 1) * steps
-        rates.append(per_batch * steps / (stamps[end] - stamps[start]))
-    return rates
-
-
-# ---------------------------------------------------------------- FLOPs and memory
-def non_embedding_params(net: torch.nn.Module | None) -> int:
-    if net is None:
-        return 0
-    return sum(p.numel() for p in net.parameters()) - net.vocab_embed.embedding.numel()
-
-
-def pass_flops(non_embedding: int, n_blocks: int, hidden: int, length: int) -> int:
-    """Forward + backward FLOPs per token of one network pass (PaLM, appendix B): 2 per weight
-    forward and 4 backward; attention QK^T + AV is 4 * hidden * L per block forward, x3."""
-    return 6 * non_embedding + 12 * n_blocks * hidden * length
-
-
-def flops_per_token(cfg: DictConfig, module: Diffusion) -> dict[str, int]:
-    """Model FLOPs per data token of a training step and of a ppl_eval step (FLOPS_FORMULA)."""
-    length = int(cfg.model.length)
-    m = cfg.model
-    dec = pass_flops(non_embedding_params(module.backbone), m.n_blocks, m.hidden_size, length)
-    if module.encoder is None:
-        return {"train": dec, "ppl_eval": dec // 3}
-    e = cfg.decoder
-    enc = pass_flops(non_embedding_params(module.encoder), e.n_blocks, e.hidden_size, length)
-    train = cfg.training.encoder_training_times * (cfg.training.num_particles * dec + enc)
-    return {"train": train, "ppl_eval": (enc + (cfg.eval.num_particles + 1) * dec) // 3}
-
-
-def reset_peak_memory(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str) -> dict:
-    if device == "cuda":
-        kind = "torch.cuda.max_memory_allocated during this phase"
-        return figure(torch.cuda.max_memory_allocated() / 2**20, "MiB", kind=kind)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    kind = "process max RSS so far (includes earlier phases and loss types)"
-    return figure(rss_kib / 1024, "MiB", kind=kind)
-
-
-def measure_cpu_peak_tflops(n: int = 2048, seconds: float = 1.0) -> float:
-    """Best rate of a float32 n x n matmul: what this CPU's BLAS reaches on large GEMMs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: thread pool, allocator
-    best, deadline, runs = math.inf, time.perf_counter() + seconds, 0
-    while runs < 3 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best, runs = min(best, time.perf_counter() - start), runs + 1
-    return 2 * n**3 / best / 1e12
 
 
 # ---------------------------------------------------------------- the three measurements
@@ -450,101 +350,7 @@ def bench_loss_type(args, loss_type: str, tokenizer_cache: dict, peak_tflops: fl
     return report
 
 
-def compare_with_anchor(report: dict, loss_type: str, device: str) -> dict:
-    """Ratios to the MDLM reference and pass/fail of the targets, when the shapes match."""
-    s = report["shapes"]
-    d = s["decoder"]
-    same = (
-        device == "cuda"
-        and s["length"] == 1024
-        and s["global_batch_size"] == 32
-        and d["hidden_size"] == 768
-        and d["n_blocks"] == 12
-        and s["vocab_size"] == 50257
-    )
-    if not same:
-        return {"comparable": False, "why": "the anchor is CUDA, DiT small, L=1024, batch 32"}
-    train = report["train"]["tokens_per_s"]["value"]
-    ppl = report["ppl_eval"]["tokens_per_s"]["value"]
-    out = {
-        "comparable": True,
-        "note": "the anchor was measured on one H100: compare on the same kind of device",
-        "train_speedup_vs_mdlm_reference": train / ANCHOR["train_tokens_per_s"],
-        "train_target_met": train >= TARGETS["train_tokens_per_s"][loss_type],
-    }
-    if loss_type in TARGETS["ppl_eval_tokens_per_s"]:
-        out["ppl_eval_speedup_vs_mdlm_reference"] = ppl / ANCHOR["ppl_eval_tokens_per_s"]
-        out["ppl_eval_target_met"] = ppl >= TARGETS["ppl_eval_tokens_per_s"][loss_type]
-    for row in report["sampling"]["runs"] if s["sample_batch"] == 16 else []:
-        steps, seconds = row["steps"], row["seconds"]["value"]
-        if steps in ANCHOR["sampling_s"]:
-            out[f"sampling_T{steps}_speedup_vs_mdlm_reference"] = (
-                ANCHOR["sampling_s"][steps] / seconds
-            )
-        if steps in TARGETS["sampling_s"]:
-            out[f"sampling_T{steps}_target_met"] = seconds <= TARGETS["sampling_s"][steps]
-    return out
-
-
-# ---------------------------------------------------------------- environment and output
-def git_commit() -> dict:
-    def git(*cmd: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        except OSError:
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    return {
-        "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1min": os.getloadavg()[0],  # other jobs on the machine skew CPU figures
-    }
-
-
-def print_table(report: dict) -> None:
-    peak = report["settings"]["peak"]["value"]
-    print(f"\nvadd bench on {report['environment']['device_name']} (peak {peak:.3g} TFLOP/s)")
-    for loss_type, r in report["results"].items():
-        s = r["shapes"]
-        train, ppl = r["train"], r["ppl_eval"]
-        print(
-            f"{loss_type:>4} | batch {s['batch_size']} x L {s['length']} | {r['precision']}"
-            f" | train {train['tokens_per_s']['value']:,.0f} tok/s"
-            f" (MFU {100 * train['mfu']['value']:.1f}%, peak {train['peak_memory']['value']:,.0f}"
-            f" MiB) | ppl_eval {ppl['tokens_per_s']['value']:,.0f} tok/s"
-        )
-        for row in r["sampling"]["runs"]:
-            print(
-                f"     | sample {r['sampling']['batch']} x {s['length']} T={row['steps']}:"
-                f" {row['seconds']['value']:.3f} s, {row['network_calls']['value']} calls,"
-                f" NFE/seq {row['nfe_per_sequence']['value']:.1f} ({r['sampling']['predictor']})"
-            )
-
-
+# ---------------------------------------------------------------- output
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.peak_tflops is not None:
