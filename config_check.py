@@ -26,6 +26,7 @@ CHOICES = {
     "training.kl_weighting": ["time", "steps"],
     "model.latent_struc": ["adaln"],
     "model.type": ["ddit", "toy_mlp"],
+    "model.gelu": ["auto", "tanh", "erf"],
     "decoder.mask_struc": ["adaln", "none"],
     "noise.type": ["loglinear", "linear", "cosine", "geometric"],
     "lr_scheduler.name": ["constant_warmup", "cosine_decay_warmup"],

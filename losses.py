@@ -71,9 +71,10 @@ def masked_token_logp(logits: torch.Tensor, targets: torch.Tensor, vocab_size: i
     """SUBS log p(x0 | xt) on masked rows only: logits (N, V_out) -> (N,) in float32.
 
     Only the first `vocab_size` logits compete (the [MASK] logit and any padding ids are
-    excluded, i.e. set to -inf). The softmax runs in float32 over row chunks of at most
-    CE_CHUNK_ELEMENTS, so no float32 copy of bf16 logits is ever built whole; the backward
-    recomputes each chunk's softmax from the saved logits and the (N,) log-normalisers.
+    excluded, i.e. set to -inf). The log-softmax runs in float32 over row chunks of at most
+    CE_CHUNK_ELEMENTS. When all rows fit in one chunk its float32 output is kept for the
+    backward; otherwise no float32 copy of the logits is ever built whole, and the backward
+    recomputes each chunk's log-softmax from the saved (bf16) logits.
     """
     return _ChunkedLogSoftmaxPick.apply(logits, targets, vocab_size)
 
@@ -83,10 +84,12 @@ class _ChunkedLogSoftmaxPick(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_size):
+        chunks = _row_chunks(logits.shape[0], logits.shape[1])
         logp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for rows in _row_chunks(logits.shape[0], vocab_size):
-            lsm = torch.log_softmax(logits[rows, :vocab_size], dim=-1, dtype=torch.float32)
+        for rows in chunks:
+            lsm = _log_softmax_real(logits[rows], vocab_size)  # (n, V_out) float32
             logp[rows] = lsm.gather(1, targets[rows, None]).squeeze(1)
+        ctx.kept = lsm if len(chunks) == 1 else None  # one chunk: reuse it, no recompute
         ctx.save_for_backward(logits, targets)
         ctx.vocab_size = vocab_size
         return logp
@@ -94,14 +97,25 @@ class _ChunkedLogSoftmaxPick(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets = ctx.saved_tensors
-        V = ctx.vocab_size
-        grad = torch.zeros_like(logits)  # excluded ids ([MASK], padding) get no gradient
-        minus_one = torch.full((1, 1), -1.0, device=logits.device)
-        for rows in _row_chunks(logits.shape[0], V):
-            p = torch.softmax(logits[rows, :V], dim=-1, dtype=torch.float32)  # (n, V)
-            p.scatter_add_(1, targets[rows, None], minus_one.expand(p.shape[0], 1))
-            torch.mul(p, -grad_out[rows, None].float(), out=grad[rows, :V])  # g (onehot - p)
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], logits.shape[1]):
+            lsm = (
+                ctx.kept
+                if ctx.kept is not None
+                else _log_softmax_real(logits[rows], ctx.vocab_size)
+            )
+            picked = torch.zeros_like(lsm).scatter_(1, targets[rows, None], grad_out[rows, None])
+            # g (onehot - softmax) in one kernel; excluded ids have softmax 0, so no gradient
+            grad[rows] = torch.ops.aten._log_softmax_backward_data(picked, lsm, 1, logits.dtype)
+        ctx.kept = None
         return grad, None, None
+
+
+def _log_softmax_real(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 log-softmax of (n, V_out) logits where ids >= vocab_size get -inf (log p = -inf)."""
+    x = logits.to(torch.float32, copy=True)  # a copy even for float32 logits: edited below
+    x[:, vocab_size:] = -torch.inf
+    return torch.log_softmax(x, dim=-1)
 
 
 def _row_chunks(n: int, width: int) -> list[slice]:

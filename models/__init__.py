@@ -22,7 +22,8 @@ def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Modu
         backbone, encoder = AR(cfg.model, vocab_size), None
     elif cfg.training.loss_type == "vae":
         backbone = GenDIT(cfg.model, vocab_size)
-        encoder = InferDIT(cfg.decoder, cfg.model.latent_dim, cfg.model.latent1d, vocab_size)
+        m = cfg.model
+        encoder = InferDIT(cfg.decoder, m.latent_dim, m.latent1d, vocab_size, m.get("gelu", "auto"))
     else:
         backbone, encoder = DIT(cfg.model, vocab_size), None
     if cfg.model.get("compile", False):

@@ -6,16 +6,15 @@ prediction; the mask id exists in the vocabulary but is never predicted.
 """
 
 import torch
-from einops import rearrange
 from omegaconf import DictConfig
 from torch import nn
 
 from models import attention
-from models.dit import EmbeddingLayer, LayerNorm, round_up
+from models.dit import GELU, EmbeddingLayer, LayerNorm, round_up
 
 
 class CausalBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio=4, dropout=0.0, gelu="auto"):
         super().__init__()
         self.n_heads = n_heads
         self.norm1 = LayerNorm(dim)
@@ -24,17 +23,15 @@ class CausalBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim),
-            nn.GELU(approximate="tanh"),
+            GELU(gelu),
             nn.Linear(mlp_ratio * dim, dim),
         )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, rotary, key_mask=None):
         qkv = self.attn_qkv(self.norm1(x))
-        q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.n_heads)
-        q, k = attention.apply_rotary(q, rotary), attention.apply_rotary(k, rotary)
         # Causal attention needs no padding mask: padding sits after the real tokens.
-        h = rearrange(attention.attend(q, k, v, causal=True), "b h l d -> b l (h d)")
+        h = attention.self_attention(qkv, self.n_heads, rotary, causal=True)
         x = x + self.dropout(self.attn_out(h))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -49,7 +46,9 @@ class AR(nn.Module):
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, rows)
         self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
         self.blocks = nn.ModuleList(
-            CausalBlock(cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout)
+            CausalBlock(
+                cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout, gelu=cfg.get("gelu", "auto")
+            )
             for _ in range(cfg.n_blocks)
         )
         self.norm_final = LayerNorm(cfg.hidden_size)

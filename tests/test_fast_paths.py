@@ -4,6 +4,7 @@ Tolerances: float32 paths agree to float32 round-off (assert_close defaults, ~1e
 relative); bfloat16 inputs to ~1e-2 (bf16 keeps 8 bits of mantissa).
 """
 
+import hydra_jobs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 import losses
 import objectives
 import samplers
+from config_check import ConfigError, validate_config
 from models import attention
-from models.dit import DIT, GenDIT, modulate, round_up
+from models.dit import DIT, GELU, GenDIT, modulate, round_up
 from noise_schedule import LogLinear
 
 
@@ -33,6 +35,7 @@ def test_chunked_cross_entropy_matches_log_softmax(monkeypatch, chunk_rows):
     got = losses.masked_token_logp(logits, targets, V)
     want = reference_logp(logits_ref, targets, V)
     torch.testing.assert_close(got, want)
+    assert torch.equal(logits.detach(), logits_ref.detach())  # the input is left untouched
     (got * weights).sum().backward()
     (want * weights).sum().backward()
     torch.testing.assert_close(logits.grad, logits_ref.grad)
@@ -122,3 +125,73 @@ def test_padded_vocabulary_gives_the_same_samples(model_cfg, randomize, vocab):
         )  # fmt: skip
     assert torch.equal(runs[0], runs[1])
     assert (runs[0] < vocab).all()  # every position revealed, never a padding id
+
+
+def test_gelu_auto_is_tanh_except_for_bfloat16_on_cpu():
+    torch.manual_seed(4)
+    x = 3 * torch.randn(20_000)
+    tanh = F.gelu(x, approximate="tanh")
+    assert torch.equal(GELU("auto")(x), tanh)  # float32: MDLM's formula, bit for bit
+    assert torch.equal(GELU("tanh")(x.bfloat16()), F.gelu(x.bfloat16(), approximate="tanh"))
+    assert torch.equal(GELU("erf")(x), F.gelu(x))
+    xb = x.bfloat16()
+    got = GELU("auto")(xb)
+    assert torch.equal(got, F.gelu(xb))  # the fast (erf) kernel on CPU bf16
+    # ... which is the tanh formula up to bf16 rounding plus the curves' gap (< 4.8e-4)
+    exact = F.gelu(xb.double(), approximate="tanh")
+    rounding = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((got.double() - exact).abs() <= rounding + 4.8e-4).all()
+    z = torch.randn(20_000).bfloat16()  # N(0, 1) inputs: mostly bit-identical (~91%)
+    assert (GELU("auto")(z) == F.gelu(z, approximate="tanh")).float().mean() > 0.85
+    # the two curves never differ by more than 4.8e-4 (max at x = -2.7)
+    grid = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    assert (F.gelu(grid) - F.gelu(grid, approximate="tanh")).abs().max() < 4.8e-4
+
+
+def test_gelu_choice_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="model.gelu='fast'"):
+        GELU("fast")
+    with pytest.raises(ConfigError, match="model.gelu='tnah'.*did you mean model.gelu=tanh"):
+        validate_config(hydra_jobs.compose_job(tmp_path, "model.gelu=tnah"))
+
+
+def plain_rotary(x, cos, sin):
+    """The textbook rotate-half formula with full-width (L, D) tables."""
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    x1, x2 = x.float().chunk(2, -1)
+    return x.float() * cos + torch.cat([-x2, x1], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_rotate_half_forward_and_backward(dtype):
+    torch.manual_seed(5)
+    cos, sin = attention.Rotary(8)(6, torch.device("cpu"))
+    x = torch.randn(2, 3, 2, 6, 8).to(dtype).requires_grad_()  # (q|k, B, H, L, D)
+    x_ref = x.detach().float().requires_grad_()  # float32 reference, rounded at the end
+    got, want = attention.apply_rotary(x, (cos, sin)), plain_rotary(x_ref, cos, sin)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, x_ref.grad.to(dtype))
+    assert attention.apply_rotary(x, (cos, sin), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_self_attention_matches_separate_q_k_v():
+    torch.manual_seed(6)
+    B, L, H, D = 2, 5, 2, 4
+    rotary = attention.Rotary(D)(L, torch.device("cpu"))
+    qkv = torch.randn(B, L, 3 * H * D, requires_grad=True)
+    qkv_ref = qkv.detach().clone().requires_grad_()
+    key_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    got = attention.self_attention(qkv, H, rotary, key_mask)
+    q, k, v = qkv_ref.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, L, D) each
+    scores = plain_rotary(q, *rotary) @ plain_rotary(k, *rotary).transpose(-1, -2) / D**0.5
+    attn = torch.softmax(scores.masked_fill(~key_mask[:, None, None], -torch.inf), -1)
+    want = (attn @ v).transpose(1, 2).reshape(B, L, H * D)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(qkv.grad, qkv_ref.grad)
