@@ -175,3 +175,24 @@ def test_window_rates_drop_warmup_and_split_windows():
     assert bench.window_rates(stamps, 2, 2, 2, per_batch=10.0) == [10.0, 5.0]
     with pytest.raises(RuntimeError, match="only 6 batches"):
         bench.window_rates(stamps, 2, 2, 3, per_batch=10.0)
+
+
+def test_pairs_summary_pairs_runs_by_index(tmp_path):
+    """bench/pairs.py: medians of each tree and per-pair ratios, from the runs' JSON."""
+    spec = importlib.util.spec_from_file_location("pairs", ROOT / "bench" / "pairs.py")
+    pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs)
+
+    def write(name, train, ppl):
+        phases = {"train": train, "ppl_eval": ppl}
+        result = {k: {"tokens_per_s": {"value": v, "unit": "tokens/s"}} for k, v in phases.items()}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": {"vae": result}}))
+
+    for i, (a, b) in enumerate([(100.0, 150.0), (200.0, 260.0), (120.0, 240.0)]):
+        write(f"a{i}", a, 10 * a)
+        write(f"b{i}", b, 10 * b)
+    write("b3", 999.0, 999.0)  # an unpaired run is left out
+    row = pairs.summarize(str(tmp_path))["vae/train"]
+    assert row["a_median"] == 120.0 and row["b_median"] == 240.0
+    assert row["ratio_of_medians"] == 2.0
+    assert row["pair_ratios"] == pytest.approx([1.3, 1.5, 2.0])
