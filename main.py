@@ -42,9 +42,11 @@ def run(cfg: DictConfig) -> None:
 
     trainer = runner.build_trainer(cfg)
     runner.derive_batch_sizes(cfg, trainer.num_devices * trainer.num_nodes)
+    # a missing or bad data set fails before any network is built
+    loaders = dataloader.get_dataloaders(cfg, tokenizer) if cfg.mode == "train" else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.mode == "train":
-        runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer)
+        runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer, loaders)
         return
     ckpt = read_checkpoint(cfg.eval.checkpoint_path)
     tokenizer = runner.eval_tokenizer(ckpt, tokenizer)

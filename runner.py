@@ -133,8 +133,10 @@ def build_module(cfg: DictConfig, tokenizer) -> Diffusion:
     return module
 
 
-def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer) -> None:
-    train_dl, valid_dl = dataloader.get_dataloaders(cfg, tokenizer)
+def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loaders=None) -> None:
+    """Fit `module`; `loaders` = (train, valid) when the caller built them (main.py does,
+    before the model, so a missing data set fails before any network is built)."""
+    train_dl, valid_dl = loaders or dataloader.get_dataloaders(cfg, tokenizer)
     module.train_sampler = getattr(train_dl, "sampler", None)  # resumable data position
     ckpt = None
     path = cfg.checkpointing.resume_ckpt_path

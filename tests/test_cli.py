@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,14 @@ def run_main(args: list[str], tmp_path: Path, timeout: float = 120) -> subproces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "main.py", f"hydra.run.dir={tmp_path}", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_failed_before_any_work(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """ "Fails fast" without a clock (timings flake on a loaded machine): the error came
+    before any network was built (build_module prints "[vadd] vocab") and before any
+    checkpoint or log was written."""
+    assert "[vadd] vocab" not in proc.stdout + proc.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "logs").exists()
 
 
 @pytest.mark.parametrize("line", [SEED_PPL_EVAL, SEED_SAMPLE, SEED_CACHE, SEED_RESUME])
@@ -121,12 +128,10 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args,names,fix", BAD_INPUTS, ids=[" ".join(a[0]) for a in BAD_INPUTS])
 def test_bad_input_fails_fast_with_one_line(args, names, fix, tmp_path):
-    start = time.time()
     proc = run_main(args, tmp_path, timeout=60)
-    elapsed = time.time() - start
     assert proc.returncode != 0
     assert names in proc.stderr and fix in proc.stderr, proc.stderr
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert_failed_before_any_work(proc, tmp_path)
     assert "Traceback" not in proc.stderr
     if "+training.foo" not in fix:  # our own errors: exactly one line, prefixed "error:"
         assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
@@ -137,9 +142,9 @@ def test_bad_input_fails_fast_with_one_line(args, names, fix, tmp_path):
 def test_empty_local_text_folder_fails_fast(tmp_path):
     empty = tmp_path / "corpus"
     empty.mkdir()
-    start = time.time()
     proc = run_main(["data=local_text", f"data.path={empty}"], tmp_path / "run", timeout=60)
-    assert proc.returncode == 2 and time.time() - start < 10
+    assert proc.returncode == 2
+    assert_failed_before_any_work(proc, tmp_path / "run")
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.path={empty}")
 
 
