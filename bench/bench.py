@@ -13,10 +13,9 @@ What is measured, per loss type (training.loss_type=mdlm and =vae):
    the end of every training batch after a device synchronisation; warm-up batches are
    dropped and the rest is cut into `--repeats` windows of `--steps-per-repeat` batches;
    the median window is reported, with model FLOPs utilisation (see FLOPS_FORMULA).
-2. peak memory of each phase (CUDA: max_memory_allocated; CPU: the process max RSS).
-3. ppl_eval tokens/s through evaluation.run_ppl_eval (trainer.validate), timed the same way.
-4. seconds to sample a 16 x L batch with generation.generate at each T of `--sample-steps`
-   (vae_cache for VADD, ddpm_cache for MDLM, fixed z), after one short warm-up sampling.
+2. ppl_eval tokens/s through evaluation.run_ppl_eval (trainer.validate), timed the same way.
+3. seconds to sample 16 x L at each T of `--sample-steps` (generation.generate, vae_cache /
+   ddpm_cache, fixed z) after a warm-up; peak memory of each phase (see measure.py).
 """
 
 import argparse
