@@ -22,7 +22,7 @@ CHOICES = {
     "backbone": ["dit", "ar"],
     "parameterization": ["subs", "ar"],
     "training.loss_type": ["mdlm", "vae"],
-    "training.loss_strategy": ["klweight", "none"],
+    "training.loss_strategy": ["klweight", "cyclical", "none"],
     "training.kl_weighting": ["time", "steps"],
     "model.latent_struc": ["adaln"],
     "model.type": ["ddit", "toy_mlp"],
@@ -53,6 +53,10 @@ RANGES = {
     "training.init_kl_weight": (0.0, 1.0, False),
     "training.kl_weight_interval": (0, None, True),
     "training.kl_hold_steps": (0, None, True),
+    "training.kl_cycles": (1, None, True),
+    "training.kl_cycle_ramp": (0.0, 1.0, False),
+    "training.free_bits": (0.0, None, False),
+    "training.free_bits_group": (0, None, True),
     "training.ema": (0.0, 0.999999, False),
     "training.sampling_eps": (0.0, 0.5, False),
     "training.freeze_decoder_steps": (0, None, True),
@@ -63,6 +67,7 @@ RANGES = {
     "loader.global_batch_size": (1, None, True),
     "loader.num_workers": (0, None, True),
     "optim.lr": (0.0, None, False),
+    "optim.encoder_lr_scale": (0.0, None, False),
     "trainer.max_steps": (-1, None, True),
     "trainer.num_nodes": (1, None, True),
 }
@@ -113,7 +118,7 @@ def _check_range(cfg, key, lo, hi, integer):
 
 
 # Non-text data (data.kind=grid / image, grid_data.py): what a local folder must hold.
-DATA_KINDS = ["text", "grid", "image"]
+DATA_KINDS = ["text", "grid", "image", "set"]
 LOCAL_FOLDERS = {
     "mnist_local": "train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]",
     "cifar10_local": "CIFAR-10's python batches (cifar-10-batches-py: data_batch_1..5, test_batch)",
@@ -121,7 +126,8 @@ LOCAL_FOLDERS = {
 
 
 def data_kind(cfg: DictConfig) -> str:
-    """text (tokenised corpora), grid (the checkerboard) or image (MNIST, CIFAR-10)."""
+    """text (tokenised corpora), grid (the checkerboard), image (MNIST, CIFAR-10) or set
+    (a known finite set of text sequences, text_set.py)."""
     return cfg.data.get("kind", "text")
 
 
@@ -132,6 +138,15 @@ def _check_data(cfg):
     if cfg.model.get("type") == "toy_mlp":
         _check_toy_mlp(cfg, kind)
     if kind == "text":
+        return
+    if kind == "set":
+        _check_range(cfg, "data.num_sequences", 1, None, True)
+        _check_range(cfg, "data.repeats", 1, None, True)
+        if cfg.backbone == "ar":
+            raise ConfigError(
+                f"data={cfg.data.name} rows have no BOS for backbone=ar to start from: use "
+                "backbone=dit parameterization=subs"
+            )
         return
     _check_local_folder(cfg)
     _check_grid_data(cfg, kind)
@@ -237,6 +252,17 @@ def _check_vae(cfg):
         if not isinstance(cfg.decoder.get(key), int) or cfg.decoder.get(key) < 1:
             raise ConfigError(f"decoder.{key}={cfg.decoder.get(key)!r} must be a positive integer")
     _check_heads("decoder", cfg.decoder)
+    group = cfg.training.free_bits_group
+    if cfg.training.free_bits > 0 and group > 0 and m.latent_dim % group:
+        raise ConfigError(
+            f"training.free_bits_group={group} must divide model.latent_dim={m.latent_dim}: "
+            "use a divisor, or 0 for one floor over all of z"
+        )
+    if cfg.training.loss_strategy == "cyclical" and cfg.training.kl_cycle_ramp <= 0:
+        raise ConfigError(
+            "training.kl_cycle_ramp=0 leaves no steps for beta to rise in a cycle: use a "
+            "fraction in (0, 1], e.g. 0.5"
+        )
 
 
 def _check_model_shape(cfg):

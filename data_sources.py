@@ -93,10 +93,15 @@ def _bible_file() -> Path:
     return Path(dist.locate_file("bible/data/kjv.jsonl"))
 
 
+def bible_verses() -> list[dict]:
+    """The KJV's verses in book order, as dicts with 'text', 'book', 'chapter', 'verse'."""
+    with open(_bible_file(), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def bible_chapters() -> list[str]:
     """The KJV as one document per chapter (its verses joined by spaces), in book order."""
-    with open(_bible_file(), encoding="utf-8") as f:
-        verses = [json.loads(line) for line in f if line.strip()]
+    verses = bible_verses()
     chapters = itertools.groupby(verses, key=lambda verse: (verse["book"], verse["chapter"]))
     return [" ".join(verse["text"] for verse in group) for _, group in chapters]
 

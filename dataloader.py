@@ -37,6 +37,7 @@ from transformers import (
 )
 
 import grid_data
+import text_set
 from data_cache import PIPELINE_VERSION, cache_path, digest, exists, is_local, slug
 from data_order import ResumableSampler
 from data_sources import DataUnavailableError, get_source
@@ -81,6 +82,8 @@ def get_dataset(
     split = SPLITS[split]
     if grid_data.is_grid_data(data_cfg):  # checkerboard, images: fixed rows, no tokenizer
         return grid_data.get_dataset(data_cfg, split, length)
+    if data_cfg.get("kind") == "set":  # a known finite set of sequences (text_set.py)
+        return text_set.get_dataset(data_cfg, tokenizer, split, length)
     name = str(data_cfg.train if split == "train" else data_cfg.valid)
     source = get_source(name)
     detokenizer = detokenizer_for(data_cfg, source)

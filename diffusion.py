@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 import interchange
+import latent_diagnostics
 import losses
 import objectives
 import sharding
@@ -71,7 +72,10 @@ class Diffusion(L.LightningModule):
             num_steps=cfg.T,
             kl_weighting=cfg.training.kl_weighting,
             time_conditioning=cfg.time_conditioning,
+            fade_to_prior=bool(cfg.decoder.fade_to_prior),
         )
+        tr = cfg.training
+        self.free_bits = objectives.FreeBits(tr.free_bits, tr.free_bits_group)
         self.ema = None
         if cfg.training.ema > 0:
             self.ema = ExponentialMovingAverage(self.trainable_parameters(), cfg.training.ema)
@@ -108,8 +112,11 @@ class Diffusion(L.LightningModule):
     # ---------------------------------------------------------------- objectives
     def beta(self) -> float:
         t = self.cfg.training
-        step = max(0, self.global_step - t.get("kl_hold_steps", 0))  # held at init first
-        return losses.kl_beta(step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval)
+        step = max(0, self.global_step - t.kl_hold_steps)  # held at init first
+        return losses.kl_beta(
+            step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval,
+            cycles=t.kl_cycles, ramp=t.kl_cycle_ramp,
+        )  # fmt: skip
 
     def draw_t(self, n: int, seed: int, micro: int = 0) -> torch.Tensor:
         """Antithetic t over the global batch; every rank draws the same u from `seed`."""
@@ -144,8 +151,10 @@ class Diffusion(L.LightningModule):
         return objectives.Draws(mask_u, z_eps)
 
     def compute_loss(
-        self, batch, t, beta=1.0, num_particles=1, draws=None
+        self, batch, t, beta=1.0, num_particles=1, draws=None, train=False
     ) -> objectives.LossOutput:
+        """The loss of a batch. train=True adds the training-only terms (free bits);
+        evaluation calls it with beta = 1 and train=False: the plain bound."""
         x0, key_mask = batch["input_ids"], _key_mask(batch)
         if self.loss_type == "ar":
             return objectives.ar_loss(self.backbone, x0, key_mask, self.spec)
@@ -153,6 +162,7 @@ class Diffusion(L.LightningModule):
             return objectives.vae_loss(
                 self.backbone, self.encoder, x0, key_mask, t, self.spec,
                 beta=beta, num_particles=num_particles, draws=draws,
+                free_bits=self.free_bits if train else None,
             )  # fmt: skip
         return objectives.mdlm_loss(self.backbone, x0, key_mask, t, self.spec, draws)
 
@@ -168,7 +178,7 @@ class Diffusion(L.LightningModule):
         if micro == 0 and self.encoder is not None:
             for _ in range(self.cfg.training.encoder_training_times - 1):
                 self._encoder_only_step(batch, t, beta, draws)
-        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws)
+        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws, True)
         if self.cfg.training.check_finite:
             self._check_finite(out.loss, batch)
         with self._grad_sync(last=micro + 1 == self.accumulate):
@@ -210,7 +220,7 @@ class Diffusion(L.LightningModule):
         joint steps only; AdamW skips the decoder, whose gradients are set to None.
         """
         opt = self.optimizers()
-        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws)
+        out = self.compute_loss(batch, t, beta, self.cfg.training.num_particles, draws, True)
         self.manual_backward(out.loss)
         for p in self.backbone.parameters():
             p.grad = None
@@ -255,8 +265,17 @@ class Diffusion(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
+        params = self.trainable_parameters()
+        if self.encoder is not None and o.encoder_lr_scale != 1.0:
+            # the encoder at lr x encoder_lr_scale (README "Posterior collapse"); one group
+            # otherwise, so checkpoints keep the optimizer layout they always had
+            enc = {id(p) for p in self.encoder.parameters()}
+            params = [
+                {"params": [p for p in params if id(p) not in enc]},
+                {"params": [p for p in params if id(p) in enc], "lr": o.lr * o.encoder_lr_scale},
+            ]
         opt = torch.optim.AdamW(
-            self.trainable_parameters(),
+            params,
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
@@ -276,6 +295,7 @@ class Diffusion(L.LightningModule):
         self._rng_state = utils.get_rng_state()
         torch.manual_seed(self.cfg.seed)  # the same masks every validation: comparable numbers
         self._val_sums = {}
+        self._latent_stats = latent_diagnostics.LatentStats()
         if self.ema is not None and not self.cfg.eval.disable_ema:
             self.ema.store_and_swap(self.trainable_parameters())
         if self._sharded():  # no collectives per forward: ranks may run unequal batch counts
@@ -289,6 +309,9 @@ class Diffusion(L.LightningModule):
             self._accumulate(f"nll_{draw}", out.per_seq.sum())
             for name, value in out.stats.items():
                 self._accumulate(f"{name}_{draw}", value.sum())
+            if out.latent is not None:
+                lat = out.latent
+                self._latent_stats.add(lat.mu, lat.log_sigma, lat.t, lat.position_mask)
             if self.loss_type == "vae":
                 shape = _latent_shape(self.cfg, batch["input_ids"].shape[1])
                 prior = objectives.vae_prior_nelbo(
@@ -307,16 +330,36 @@ class Diffusion(L.LightningModule):
             k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()
         }
         self.results = utils.summarise_eval(sums, self.eval_draws)
+        if self.loss_type == "vae":
+            self.results.update(self._latent_summary(float(sums["sequences"]) * self.eval_draws))
         if self.cfg.data.get("kind") == "image":  # one token per pixel value: bits per dim
             self.results["bits_per_dim"] = self.results["bpd"]
         if not self.trainer.sanity_checking:
-            logged = {f"val/{k}": v for k, v in self.results.items() if isinstance(v, float)}
+            logged = {
+                f"val/{k}": float(v)
+                for k, v in self.results.items()
+                if isinstance(v, float | int) and not isinstance(v, bool)
+            }
             self.log_dict(logged, sync_dist=True, batch_size=1)  # equal on every rank
         if self._sharded():  # the registered parameters are the shards again
             sharding.reshard(self.networks(), self.cfg.strategy.reshard_after_forward)
         if self.ema is not None:
             self.ema.restore(self.trainable_parameters())
         utils.set_rng_state(self._rng_state)
+
+    def _latent_summary(self, sequences: float) -> dict:
+        """Collapse diagnostics (latent_diagnostics.py) over all ranks' evaluated rows."""
+        stats, strategy = self._latent_stats, self.trainer.strategy
+        sums = {k: strategy.reduce(v, reduce_op="sum") for k, v in stats.sums().items()}
+        if not sums:
+            return {}
+        rows = stats.rows()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, rows)
+            kept = [r for r in everyone if r is not None]
+            rows = tuple(torch.cat(parts) for parts in zip(*kept, strict=True)) if kept else None
+        return latent_diagnostics.LatentStats.summary(sums, rows, sequences, self.cfg.seed)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint):

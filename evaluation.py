@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import gen_ppl
 import grid_data
+import latent_diagnostics
+import text_set
 import utils
 from config_check import resolve_predictor
 from diffusion import Diffusion
@@ -57,6 +59,15 @@ def run_ppl_eval(
             f"({results['bound']}, {results['weights']} weights, "
             f"{module.eval_draws} draw(s)) -> {path}"
         )
+        if "active_units" in results:
+            utils.print0(
+                f"[ppl_eval] latent: KL {results['kl_closed']:.3f} nats/sequence, "
+                f"{results['active_units']}/{results['latent_dims']} active units, "
+                f"MI {results.get('mutual_information', float('nan')):.3f} nats"
+            )
+        warning = latent_diagnostics.collapse_warning(results)
+        if warning:
+            utils.print0(warning)
     return results
 
 
@@ -116,6 +127,8 @@ def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: st
         scores = grid_data.score_samples(cfg.data, tokens, out)
     else:
         scores = score_samples(cfg, tokens, tokenizer, module.device)
+        if cfg.data.get("kind") == "set":  # exact precision / coverage against the known set
+            scores.update(text_set.score_samples(cfg.data, tokens, tokenizer))
     results = {
         "mode": "sample_eval",
         "checkpoint": ckpt_path,

@@ -139,6 +139,24 @@ def reparameterize(mu, log_sigma, num_particles: int, eps=None):
     return mu[:, None] + log_sigma.exp()[:, None] * eps, eps
 
 
+def fade_posterior(
+    mu: torch.Tensor, log_sigma: torch.Tensor, p_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t: the encoder's N(mu, sigma^2) faded towards the prior N(0, 1) by the mask
+    probability p_t = 1 - alpha_t of each row (B,): mean sqrt(p_t) mu, variance
+    1 - p_t (1 - sigma^2).
+
+    Why: the KL of r_t is p_t times the mean part of KL(r) plus at most p_t times its
+    variance part (the KL is convex along that line), so with kl_weighting=time the
+    weighted KL integrates to at most KL(r) itself: w(t) p_t = -alpha'_t. Without the
+    fade an encoder that does not know t pays its KL at every t, about log(1 / eps) ~ 7
+    times over under the 1/t weight, where the decoder gains from z mostly at large t.
+    Any r keeps the DELBO a valid objective; the encoder is not used for sampling."""
+    p = p_mask.view(-1, *([1] * (mu.dim() - 1))).to(mu.dtype)
+    var = (1.0 - p) + p * torch.exp(2.0 * log_sigma)
+    return mu * p.sqrt(), 0.5 * torch.log(var)
+
+
 def kl_one_sample(z, eps, log_sigma, position_mask=None) -> torch.Tensor:
     """log r(z) - log N(z; 0, I) summed over all non-batch, non-particle dims: (B, K).
 
@@ -152,9 +170,22 @@ def kl_one_sample(z, eps, log_sigma, position_mask=None) -> torch.Tensor:
     return diff.flatten(2).sum(-1)
 
 
-def kl_closed_form(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+def kl_closed_per_dim(mu: torch.Tensor, log_sigma: torch.Tensor, position_mask=None):
+    """KL(N(mu, sigma^2) || N(0, 1)) per sequence and latent dimension: (B, d).
+
+    mu, log_sigma (B, d), or (B, L, d) per-position latents, summed over the positions
+    where position_mask (B, L) is True (padding positions' latents are never read)."""
+    kl = 0.5 * (mu**2 + torch.exp(2 * log_sigma) - 1.0 - 2.0 * log_sigma)
+    if kl.dim() == 3:
+        if position_mask is not None:
+            kl = kl * position_mask[..., None].to(kl.dtype)
+        kl = kl.sum(1)
+    return kl
+
+
+def kl_closed_form(mu: torch.Tensor, log_sigma: torch.Tensor, position_mask=None) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, I)) per sequence (B,), for logging."""
-    return 0.5 * (mu**2 + torch.exp(2 * log_sigma) - 1.0 - 2.0 * log_sigma).flatten(1).sum(-1)
+    return kl_closed_per_dim(mu, log_sigma, position_mask).sum(-1)
 
 
 def loss_weights(
@@ -173,10 +204,53 @@ def loss_weights(
     return w, w
 
 
-def kl_beta(step: int, strategy: str, init_kl_weight: float, interval: int) -> float:
-    """KL annealing: beta rises linearly from init_kl_weight to 1 over `interval` steps."""
+def free_bits_penalty(
+    kl_dims: torch.Tensor, lam_kl: torch.Tensor, free_bits: float, group: int = 1
+) -> torch.Tensor:
+    """The free-bits term (B,) added to the training loss (Kingma et al. 2016), >= 0.
+
+    kl_dims (B, d): closed-form KL per latent dimension; lam_kl (B,): the KL's weight in
+    the loss. Each group of `group` dimensions (0: all d) gets free_bits * group nats for
+    free, measured as the batch's lam_kl-weighted mean KL of the group, A_g. The term is
+    lam_kl * relu(free_bits * group - A_g) summed over groups: while A_g is below its floor
+    its gradient cancels the KL gradient of every row of the batch (in expectation;
+    exactly for K = 1), so the encoder feels only the reconstruction; above the floor the
+    loss is unchanged. The floor is on the batch mean, not per row, because with the time
+    weights (w(t) = 1/t) a few rows just above a per-row floor at small t would pull the
+    KL of all rows below it. So the term depends on the micro-batch's rows (the bound
+    does not). Training only: never part of a reported bound.
+    """
+    b, d = kl_dims.shape
+    group = d if group <= 0 else group  # 0: one floor for all of z
+    if d % group:
+        raise ValueError(f"free_bits_group={group} does not divide latent_dim={d}")
+    per_group = kl_dims.view(b, d // group, group).sum(-1)  # (B, groups)
+    weighted_mean = (lam_kl[:, None] * per_group).sum(0) / lam_kl.sum().clamp_min(1e-12)
+    return lam_kl * torch.relu(free_bits * group - weighted_mean).sum()
+
+
+def kl_beta(
+    step: int,
+    strategy: str,
+    init_kl_weight: float,
+    interval: int,
+    cycles: int = 1,
+    ramp: float = 1.0,
+) -> float:
+    """The KL weight beta at optimiser step `step` (training only; bounds use beta = 1).
+
+    klweight: rises linearly from init_kl_weight to 1 over `interval` steps, then stays 1.
+    cyclical (Fu et al. 2019): `cycles` cycles of `interval` steps; in each, beta rises
+    from init_kl_weight to 1 over the first `ramp` fraction and stays 1 for the rest;
+    after the last cycle beta is 1. none: beta = 1.
+    """
     if strategy == "none" or interval <= 0:
         return 1.0
+    if strategy == "cyclical":
+        if step >= cycles * interval:
+            return 1.0
+        step = step % interval
+        interval = max(1.0, ramp * interval)
     return min(1.0, init_kl_weight + (1.0 - init_kl_weight) * step / interval)
 
 

@@ -23,6 +23,7 @@ class DiffusionSpec:
     num_steps: int = 0  # MDLM's `T`: 0 = continuous time
     kl_weighting: str = "time"
     time_conditioning: bool = False
+    fade_to_prior: bool = False  # decoder.fade_to_prior: r_t fades to the prior as t -> 0
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.noise.sigma(t) if self.time_conditioning else torch.zeros_like(t)
@@ -41,11 +42,31 @@ class Draws:
     z_eps: torch.Tensor | None = None  # (B, K, ...) standard normals of the latent
 
 
+@dataclass(frozen=True)
+class FreeBits:
+    """Training-only KL floor (losses.free_bits_penalty): nats per latent dimension of the
+    weighted KL, applied per group of `group` dimensions. nats = 0: off."""
+
+    nats: float = 0.0
+    group: int = 1
+
+
+@dataclass
+class Latent:
+    """The encoder's output for a batch, kept for the collapse diagnostics (detached)."""
+
+    mu: torch.Tensor  # (B, d) or (B, L, d)
+    log_sigma: torch.Tensor
+    t: torch.Tensor  # (B,) the diffusion time of each row
+    position_mask: torch.Tensor | None  # (B, L) real positions, None = all
+
+
 @dataclass
 class LossOutput:
     per_seq: torch.Tensor  # (B,) loss per sequence (float32, differentiable)
     num_tokens: torch.Tensor  # () number of real tokens in the batch
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    latent: Latent | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -89,11 +110,17 @@ def vae_loss(
     beta=1.0,
     num_particles=1,
     draws=None,
+    free_bits: FreeBits | None = None,
 ) -> LossOutput:
-    """(IWAE-)DELBO: one encoder pass, K decoder passes on the same xt."""
+    """(IWAE-)DELBO: one encoder pass, K decoder passes on the same xt.
+
+    `free_bits` adds the training-only KL floor; evaluation never passes it, so a
+    reported bound is always the plain (IWAE-)DELBO at beta = 1."""
     t, xt, masked = _noisy_batch(x0, key_mask, t, spec, draws)
     sigma = spec.sigma(t)
     mu, log_sigma = encoder(x0, ~masked, sigma, key_mask)  # (B, d) or (B, L, d)
+    if spec.fade_to_prior:  # r at time t: between the prior and the encoder's r (losses.py)
+        mu, log_sigma = losses.fade_posterior(mu, log_sigma, spec.noise.mask_prob(t))
     z, eps = losses.reparameterize(mu, log_sigma, num_particles, draws and draws.z_eps)
     K, rep = num_particles, lambda a: a.repeat_interleave(num_particles, 0)
     km = None if key_mask is None else rep(key_mask)
@@ -105,10 +132,16 @@ def vae_loss(
     stats = {
         "recon": -recon.detach().mean(1),
         "kl": kl.detach().mean(1),
-        "kl_closed": losses.kl_closed_form(mu.detach(), log_sigma.detach()),
+        "kl_closed": losses.kl_closed_form(mu.detach(), log_sigma.detach(), key_mask),
         "mu_std": mu.detach().flatten(1).std(0, correction=0).mean().expand(x0.shape[0]),
     }
-    return LossOutput(per_seq, _num_tokens(x0, key_mask), stats)
+    if free_bits is not None and free_bits.nats > 0:
+        kl_dims = losses.kl_closed_per_dim(mu, log_sigma, key_mask)  # (B, d), differentiable
+        extra = beta * losses.free_bits_penalty(kl_dims, lam_kl, free_bits.nats, free_bits.group)
+        per_seq = per_seq + extra
+        stats["free_bits"] = extra.detach()
+    latent = Latent(mu.detach(), log_sigma.detach(), t.detach(), key_mask)
+    return LossOutput(per_seq, _num_tokens(x0, key_mask), stats, latent)
 
 
 def vae_prior_nelbo(backbone, x0, key_mask, t, spec: DiffusionSpec, latent_shape) -> LossOutput:

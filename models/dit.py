@@ -242,13 +242,29 @@ class GenDIT(DIT):
         return self.run(xt, c, key_mask, out_mask)
 
 
+def init_head(head: nn.Linear, latent_dim: int, mu_std: float, log_sigma: float) -> None:
+    """Initial r(z | x): the mu rows of the head ~ N(0, mu_std^2) (0: zeros, so mu = 0 and
+    an untrained r is the prior when log_sigma = 0), the log-sigma bias = log_sigma.
+
+    Why not zeros: the decoder's AdaLN weights start at zero too, so with mu = 0 for every
+    input neither network has a gradient that makes z informative (a saddle the run escapes
+    only slowly, if at all: the latent collapses). An encoder whose mean already differs
+    between inputs, with sigma < 1 so the difference is not drowned in noise, gives the
+    decoder something to learn to read (README "Posterior collapse")."""
+    with torch.no_grad():
+        if mu_std > 0:
+            head.weight[:latent_dim].normal_(0.0, mu_std)
+        head.bias[latent_dim:].fill_(log_sigma)
+
+
 class InferDIT(DIT):
     """Recognition model r(z | x0, xt) = N(mu, diag(sigma^2)).
 
     Reads the clean tokens x0. With `mask_struc=adaln` the positions visible in xt get a
     learned vector added to their AdaLN conditioning; `none` ignores xt (r(z | x0)).
     The head emits 2 * latent_dim numbers per position, mean-pooled over (non-padding)
-    positions when `latent1d`. Zero-initialised head: an untrained r equals the prior.
+    positions when `latent1d`. The head starts as `init_head` says (decoder.mu_init_std,
+    decoder.init_log_sigma; both 0: an untrained r equals the prior).
     """
 
     def __init__(
@@ -257,6 +273,7 @@ class InferDIT(DIT):
         super().__init__(enc_cfg, vocab_size, out_dim=2 * latent_dim, vocab_multiple=1, gelu=gelu)
         self.mask_struc = enc_cfg.mask_struc
         self.latent1d = latent1d
+        init_head(self.output_layer.linear, latent_dim, enc_cfg.mu_init_std, enc_cfg.init_log_sigma)
         if self.mask_struc == "adaln":
             self.visible_embed = nn.Parameter(torch.zeros(enc_cfg.cond_dim))
             nn.init.normal_(self.visible_embed, std=0.02)

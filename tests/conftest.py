@@ -48,7 +48,14 @@ def encoder_cfg():
 
     def make(mask_struc="adaln", **overrides):
         cfg = dict(
-            hidden_size=16, cond_dim=8, n_heads=2, n_blocks=1, dropout=0.0, mask_struc=mask_struc
+            hidden_size=16,
+            cond_dim=8,
+            n_heads=2,
+            n_blocks=1,
+            dropout=0.0,
+            mask_struc=mask_struc,
+            mu_init_std=0.0,
+            init_log_sigma=0.0,
         )
         cfg.update(overrides)
         return OmegaConf.create(cfg)

@@ -165,7 +165,12 @@ def _run(args, cwd=ROOT):
 
 def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    common = [*TINY, "training.kl_weight_interval=10", "training.init_kl_weight=0.2"]
+    common = [
+        *TINY,
+        "training.kl_hold_steps=0",
+        "training.kl_weight_interval=10",
+        "training.init_kl_weight=0.2",
+    ]
     _run(
         [
             f"hydra.run.dir={run_dir}",

@@ -148,8 +148,8 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_the_batch(tmp_path, monkey
     trainer, module, tokenizer = build(cfg)
     original = module.compute_loss
 
-    def poisoned(batch, t, beta=1.0, num_particles=1, draws=None):
-        out = original(batch, t, beta, num_particles, draws)
+    def poisoned(batch, t, beta=1.0, num_particles=1, draws=None, train=False):
+        out = original(batch, t, beta, num_particles, draws, train)
         if module.global_step == 2:
             out.per_seq = out.per_seq * float("nan")
         return out

@@ -1,0 +1,355 @@
+"""Few-step sampling on text whose distribution is known: MDLM vs VADD (data=verse_set).
+
+The text analogue of scripts/checkerboard.py, through the real code path: main.py's
+training job (GenDIT / InferDIT / DiT, the embedded default's BPE, `recipe=verse_set`),
+then generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD). The
+data are N distinct 16-token verse openings, uniformly (text_set.py), so every sample is
+scored exactly: precision (a member or not) and coverage (members found), beside what
+exact draws reach; the judge's gen-PPL and the unigram entropy are reported too.
+
+Equal training compute: MDLM gets more steps, in the ratio of the two models' matmul
+parameters per training step (decoder vs decoder + encoder; embedding tables excluded,
+they are a lookup). Per seed: MDLM and VADD trained, then --num-samples samples at each
+T of --sample-steps. Writes <out>/verse_set.json (mean +- std over seeds, settings, wall
+time) and <out>/verse_set.png.
+
+  python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, < 15 min on 2 CPUs
+  python scripts/verse_set.py --seeds 1 --steps 200 --out /tmp/vs --judge none  # a quick look
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+ALGOS = ("mdlm", "vae")
+SAMPLERS = {  # name in the tables -> (algorithm, predictor, fixz)
+    "MDLM": ("mdlm", "ddpm", None),
+    "VADD fixz=True": ("vae", "vae", True),
+    "VADD fixz=False": ("vae", "vae", False),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("outputs/verse_set"))
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (1, 2, ...)")
+    p.add_argument("--steps", type=int, default=None, help="VADD training steps (recipe's)")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    p.add_argument("--num-samples", type=int, default=256, help="samples per (model, T)")
+    p.add_argument("--judge", default="smollm2", help="gen-PPL judge, or 'none'")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (one job = model, seed)")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both models")
+    return p.parse_args(argv)
+
+
+def compose(out: Path, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return hydra_compose(
+            "config",
+            overrides=[
+                "data=verse_set",
+                "recipe=verse_set",
+                "trainer.enable_progress_bar=False",
+                "trainer.enable_model_summary=False",
+                f"checkpointing.save_dir={out}",
+                f"eval.output_dir={out}",
+                *overrides,
+            ],
+        )
+
+
+def matmul_params(module) -> int:
+    """Parameters a training step multiplies by (embedding tables are lookups)."""
+    return sum(
+        p.numel()
+        for net in module.networks()
+        for name, p in net.named_parameters()
+        if "vocab_embed" not in name
+    )
+
+
+def train_and_sample(job: dict) -> dict:
+    """One worker job: train one model with one seed, then sample it at every T."""
+    import torch
+
+    torch.set_num_threads(1)
+    import main
+    import runner
+    import text_set
+    from checkpoints import load_for_eval, read_checkpoint
+    from config_check import validate_config
+    from dataloader import get_tokenizer
+    from generation import generate
+
+    out = Path(job["out"])
+    cfg = compose(out, job["overrides"])
+    validate_config(cfg)
+    start = time.time()
+    main.run(cfg)  # the training job of `python main.py`
+    train_seconds = time.time() - start
+    ckpt = read_checkpoint(str(out / "checkpoints" / "last.ckpt"))
+    tokenizer = get_tokenizer(cfg.data)
+    module = runner.build_module(cfg, tokenizer)  # cfg's batch sizes were derived by main.run
+    load_for_eval(module, ckpt, "last.ckpt")
+    member_rows = text_set.members(cfg.data, tokenizer, int(cfg.model.length))
+    results, texts = {}, {}
+    for name, (algo, predictor, fixz) in SAMPLERS.items():
+        if algo != job["algo"]:
+            continue
+        for steps in job["sample_steps"]:
+            gen = torch.Generator().manual_seed(1000 + job["seed"])
+            x, stats = generate(
+                module,
+                num_samples=job["num_samples"],
+                predictor=predictor,
+                steps=steps,
+                fixz=bool(fixz),
+                generator=gen,
+            )
+            key = f"{name}|{steps}"
+            results[key] = {**text_set.set_scores(x, member_rows), "nfe": stats["nfe_per_sequence"]}
+            texts[key] = tokenizer.batch_decode(x.tolist())
+    return {
+        "algo": job["algo"],
+        "seed": job["seed"],
+        "train_steps": int(cfg.trainer.max_steps),
+        "train_seconds": round(train_seconds, 1),
+        "final_validation": {k: v for k, v in module.results.items() if isinstance(v, float)}
+        or _last_validation(out),
+        "scores": results,
+        "texts": texts,
+        "members": tokenizer.batch_decode(member_rows.tolist()),
+        "params": matmul_params(module),
+    }
+
+
+def _last_validation(out: Path) -> dict:
+    """The last row of validation metrics the training run logged (logs/metrics.csv)."""
+    import csv
+
+    path = out / "logs" / "metrics.csv"
+    if not path.exists():
+        return {}
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val/nll")]
+    if not rows:
+        return {}
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
+def compute_matched_steps(vadd_steps: int, overrides: list[str]) -> tuple[int, float]:
+    """MDLM's step count for the compute of `vadd_steps` VADD steps, and the ratio."""
+    import torch
+
+    import runner
+    from dataloader import get_tokenizer
+
+    cfgs = [compose(Path("/tmp"), [f"training.loss_type={a}", *overrides]) for a in ALGOS]
+    for cfg in cfgs:
+        runner.derive_batch_sizes(cfg, 1)
+    tokenizer = get_tokenizer(cfgs[0].data)
+    torch.manual_seed(0)
+    mdlm, vadd = (matmul_params(runner.build_module(c, tokenizer)) for c in cfgs)
+    ratio = vadd / mdlm
+    return round(vadd_steps * ratio), ratio
+
+
+def summarise(runs: list[dict], judge_scores: dict) -> dict:
+    table = {}
+    for name in SAMPLERS:
+        rows = {}
+        for key in sorted({k for r in runs for k in r["scores"] if k.startswith(name + "|")}):
+            steps = int(key.split("|")[1])
+            per_seed = [r["scores"][key] for r in runs if key in r["scores"]]
+            row = {}
+            for metric in ("precision", "coverage", "coverage_of_exact_draws", "nfe"):
+                values = [s[metric] for s in per_seed]
+                row[metric] = _mean_std(values)
+            for metric in ("gen_ppl", "unigram_entropy"):
+                values = [
+                    judge_scores[(r["seed"], key)][metric]
+                    for r in runs
+                    if key in r["scores"]
+                    if (r["seed"], key) in judge_scores and metric in judge_scores[(r["seed"], key)]
+                ]
+                if values:
+                    row[metric] = _mean_std(values)
+            rows[steps] = row
+        table[name] = rows
+    return table
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
+    """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth."""
+    import gen_ppl
+
+    scores, truth = {}, {}
+    judge = None if judge_name == "none" else gen_ppl.load_judge(judge_name)
+    members = runs[0]["members"]
+    for r in runs:
+        for key, texts in r["texts"].items():
+            entry = {"unigram_entropy": _entropy_of_texts(texts)}
+            if judge is not None:
+                entry["gen_ppl"] = gen_ppl.generative_perplexity(texts, judge)["gen_ppl"]
+            scores[(r["seed"], key)] = entry
+    truth["unigram_entropy"] = _entropy_of_texts(members)
+    if judge is not None:
+        truth["gen_ppl"] = gen_ppl.generative_perplexity(members, judge)["gen_ppl"]
+    return scores, truth
+
+
+def _entropy_of_texts(texts: list[str]) -> float:
+    from collections import Counter
+
+    values = []
+    for text in texts:
+        words = text.split()
+        if words:
+            counts, n = Counter(words).values(), len(words)
+            values.append(-sum(c / n * math.log(c / n) for c in counts))
+    return statistics.fmean(values) if values else 0.0
+
+
+def plot(path: Path, table: dict, truth_coverage: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, rows in table.items():
+        steps = sorted(rows)
+        for ax, metric in zip(axes, ("precision", "coverage"), strict=True):
+            mean = [rows[s][metric]["mean"] for s in steps]
+            std = [rows[s][metric]["std"] for s in steps]
+            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=name)
+    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--", label="exact draws")
+    axes[1].axhline(truth_coverage, color="grey", lw=0.8, ls="--", label="exact draws")
+    for ax, title in zip(
+        axes, ("precision (samples in the set)", "coverage (members found)"), strict=True
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps T")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    base = compose(args.out, args.overrides)
+    vadd_steps = args.steps or int(base.trainer.max_steps)
+    mdlm_steps, ratio = compute_matched_steps(vadd_steps, args.overrides)
+    jobs = []
+    for seed in range(1, args.seeds + 1):
+        for algo, steps in (("vae", vadd_steps), ("mdlm", mdlm_steps)):
+            overrides = [
+                *args.overrides,
+                f"training.loss_type={algo}",
+                f"seed={seed}",
+                f"trainer.max_steps={steps}",
+                f"trainer.val_check_interval={steps}",
+                f"callbacks.checkpoint_every_n_steps.every_n_train_steps={steps}",
+            ]
+            out = args.out / f"{algo}_seed{seed}"
+            jobs.append(
+                dict(
+                    algo=algo,
+                    seed=seed,
+                    out=str(out),
+                    overrides=overrides,
+                    sample_steps=args.sample_steps,
+                    num_samples=args.num_samples,
+                )
+            )
+    print(
+        f"[verse_set] {len(jobs)} jobs (VADD {vadd_steps} steps, MDLM {mdlm_steps} = "
+        f"x{ratio:.2f} for equal compute), {args.jobs} at a time",
+        flush=True,
+    )
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no shared torch state
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        runs = []
+        for run in pool.map(train_and_sample, jobs):
+            print(
+                f"[verse_set] trained {run['algo']} seed {run['seed']} in {run['train_seconds']} s",
+                flush=True,
+            )
+            runs.append(run)
+    judge_scores, truth = judge_all(runs, args.judge)
+    table = summarise(runs, judge_scores)
+    n = len(runs[0]["members"])
+    truth.update(
+        num_members=n,
+        true_entropy_nats_per_sequence=math.log(n),
+        coverage_of_exact_draws=1 - (1 - 1 / n) ** args.num_samples,
+    )
+    result = {
+        "experiment": "verse_set: few-step sampling on a known set of 16-token verse openings",
+        "table": {name: {str(k): v for k, v in rows.items()} for name, rows in table.items()},
+        "truth": truth,
+        "settings": {
+            "vadd_train_steps": vadd_steps,
+            "mdlm_train_steps": mdlm_steps,
+            "compute_ratio": ratio,
+            "seeds": args.seeds,
+            "num_samples": args.num_samples,
+            "judge": args.judge,
+            "overrides": args.overrides,
+        },
+        "final_validation": {f"{r['algo']}_seed{r['seed']}": r["final_validation"] for r in runs},
+        "samples_T1": {
+            f"{r['algo']}_seed{r['seed']}": r["texts"].get(
+                ("VADD fixz=True" if r["algo"] == "vae" else "MDLM") + "|1", []
+            )[:5]
+            for r in runs
+        },
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    (args.out / "verse_set.json").write_text(json.dumps(result, indent=2))
+    plot(args.out / "verse_set.png", table, truth["coverage_of_exact_draws"])
+    print(_markdown(table, truth), flush=True)
+    print(f"[verse_set] {result['wall_seconds']} s -> {args.out}/verse_set.json, .png")
+    return 0
+
+
+def _markdown(table: dict, truth: dict) -> str:
+    steps = sorted({s for rows in table.values() for s in rows})
+    lines = ["| sampler | metric | " + " | ".join(f"T={s}" for s in steps) + " |"]
+    lines.append("|---|---|" + "---|" * len(steps))
+    for name, rows in table.items():
+        for metric in ("precision", "coverage", "gen_ppl"):
+            if metric not in rows[steps[0]]:
+                continue
+            cells = [f"{rows[s][metric]['mean']:.3f}±{rows[s][metric]['std']:.3f}" for s in steps]
+            lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+    lines.append(f"truth: {json.dumps(truth)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

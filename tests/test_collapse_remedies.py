@@ -1,0 +1,114 @@
+"""The posterior-collapse remedies change training, never a reported bound; ppl_eval.json
+carries the collapse diagnostics."""
+
+import json
+
+import pytest
+import torch
+from test_end_to_end import build, make_cfg, validate
+
+import dataloader
+from evaluation import run_ppl_eval
+
+REMEDIES = [
+    ["training.free_bits=0.5"],
+    ["training.free_bits=0.25", "training.free_bits_group=16"],
+    ["training.loss_strategy=cyclical", "training.kl_weight_interval=4"],
+    ["optim.encoder_lr_scale=0.1"],
+    ["training.kl_hold_steps=50"],
+]
+
+
+def first_batch(cfg, tokenizer):
+    train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+    return next(iter(train_dl))
+
+
+@pytest.mark.parametrize("remedy", REMEDIES, ids=[" ".join(r) for r in REMEDIES])
+def test_remedy_leaves_the_reported_bound_unchanged(tmp_path, remedy):
+    """Same weights with and without the remedy: identical validation numbers. The plain
+    run has beta = 1 (loss_strategy=none) and the others beta = 0 at step 0 (annealing from
+    init_kl_weight=0), so a training beta that reached validation would show too."""
+    plain_cfg = make_cfg(
+        tmp_path / "a", "trainer.limit_val_batches=1", "training.loss_strategy=none"
+    )
+    trainer, plain, tokenizer = build(plain_cfg)
+    with torch.no_grad():
+        for p in plain.encoder.output_layer.parameters():  # an encoder that says something
+            p.normal_(0.0, 0.3)
+    want = validate(trainer, plain, plain_cfg, tokenizer)
+    cfg = make_cfg(tmp_path / "b", "trainer.limit_val_batches=1", *remedy)
+    trainer, module, _ = build(cfg)
+    module.load_state_dict(plain.state_dict())
+    module.ema.load_state_dict(plain.ema.state_dict())
+    got = validate(trainer, module, cfg, tokenizer)
+    for key in ("nll", "kl", "kl_closed", "recon", "active_units", "mutual_information"):
+        assert got[key] == want[key], key
+
+
+def test_free_bits_changes_the_training_loss_only(tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "training.free_bits=0.5",
+        "training.free_bits_group=1",
+        "decoder.mu_init_std=0",
+        "decoder.init_log_sigma=0",
+    )
+    _, module, tokenizer = build(cfg)
+    batch = first_batch(cfg, tokenizer)
+    t = module.draw_t(len(batch["input_ids"]), seed=3)
+    draws = module.global_draws(len(batch["input_ids"]), batch["input_ids"].shape[1], 3, 0)
+    train = module.compute_loss(batch, t, beta=1.0, draws=draws, train=True)
+    bound = module.compute_loss(batch, t, beta=1.0, draws=draws)
+    # untrained encoder = the prior: KL 0 < 0.5 nats x 16 dims, so every sequence pays the floor
+    lam = module.spec.noise.loss_weight(train.latent.t)
+    floor = (lam * 0.5 * cfg.model.latent_dim).sum() / train.num_tokens
+    assert float(train.loss - bound.loss) == pytest.approx(float(floor), rel=1e-5)
+    assert "free_bits" in train.stats and "free_bits" not in bound.stats
+
+
+def test_encoder_lr_scale_slows_the_encoder_alone(tmp_path):
+    def one_step(scale):
+        torch.manual_seed(0)
+        cfg = make_cfg(
+            tmp_path / str(scale),
+            "trainer.max_steps=1",
+            "training.ema=0",
+            "training.loss_strategy=none",
+            f"optim.encoder_lr_scale={scale}",
+        )
+        trainer, module, tokenizer = build(cfg)
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+        trainer.fit(module, train_dl)
+        after = module.state_dict()
+        moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+        groups = trainer.optimizers[0].param_groups
+        return moved, groups
+
+    full, groups_full = one_step(1.0)
+    frozen, groups = one_step(0.0)
+    assert len(groups_full) == 1  # scale 1: the single group checkpoints always had
+    assert [g["lr"] for g in groups][1] == 0.0
+    assert all(v == 0.0 for k, v in frozen.items() if k.startswith("encoder."))
+    assert any(v > 0.0 for k, v in full.items() if k.startswith("encoder."))
+    dec = [k for k in full if k.startswith("backbone.")]
+    assert all(frozen[k] == pytest.approx(full[k]) for k in dec)  # the decoder steps alike
+
+
+def test_ppl_eval_json_reports_the_collapse_diagnostics(tmp_path, capsys):
+    prior = ["decoder.mu_init_std=0", "decoder.init_log_sigma=0"]  # untrained r = the prior
+    cfg = make_cfg(tmp_path, "trainer.limit_val_batches=2", *prior)
+    trainer, module, tokenizer = build(cfg)
+    _, valid = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
+    run_ppl_eval(cfg, module, trainer, valid, "untrained")
+    saved = json.loads((tmp_path / "ppl_eval.json").read_text())
+    d = cfg.model.latent_dim
+    assert len(saved["kl_per_dim"]) == d and saved["latent_dims"] == d
+    assert saved["active_units"] == 0
+    assert abs(saved["mutual_information"]) < 1e-6
+    assert set(saved["kl_by_t"]) == {f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)}
+    assert saved["mi_rows"] == saved["sequences"]
+    assert "beta=1" in saved["bound"] and "kl_weighting=time" in saved["bound"]
+    out = capsys.readouterr().out
+    assert "the latent z has collapsed" in out and "decoder.fade_to_prior=True" in out

@@ -1,0 +1,118 @@
+"""The known-set text data (text_set.py): members, exact scores, and the main.py path."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hydra_jobs import one_thread, run_job
+from omegaconf import OmegaConf
+from tiny import QUIET
+
+import text_set
+from dataloader import get_tokenizer
+
+
+def test_set_scores_on_a_hand_built_sample_set():
+    members = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    samples = torch.tensor([[1, 2, 3], [1, 2, 3], [4, 5, 6], [1, 2, 4], [9, 8, 7], [3, 2, 1]])
+    got = text_set.set_scores(samples, members)
+    assert got["precision"] == pytest.approx(3 / 6)  # two copies of member 0, one of member 1
+    assert got["coverage"] == pytest.approx(2 / 3)
+    assert got["distinct_members_found"] == 2
+    assert got["num_members"] == 3
+    assert got["true_entropy_nats_per_sequence"] == pytest.approx(math.log(3))
+    assert got["coverage_of_exact_draws"] == pytest.approx(1 - (2 / 3) ** 6)
+
+
+def test_all_members_and_no_member():
+    members = torch.arange(12).view(4, 3)
+    assert text_set.set_scores(members, members)["precision"] == 1.0
+    assert text_set.set_scores(members, members)["coverage"] == 1.0
+    none = text_set.set_scores(members + 100, members)
+    assert none["precision"] == 0.0 and none["coverage"] == 0.0
+
+
+@pytest.mark.parametrize("n,s", [(2, 2), (3, 2), (3, 4), (4, 3)])
+def test_expected_coverage_matches_enumeration(n, s):
+    """Mean fraction of distinct members over all n^s equally likely draw sequences."""
+    draws = list(itertools.product(range(n), repeat=s))
+    exact = sum(len(set(d)) for d in draws) / (len(draws) * n)
+    assert text_set.expected_coverage(n, s) == pytest.approx(exact)
+
+
+def verse_cfg(n=16, seed=0):
+    from hydra import compose, initialize_config_dir
+    from hydra_jobs import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=["data=verse_set", f"data.num_sequences={n}"])
+    return OmegaConf.merge(cfg.data, {"seed": seed})
+
+
+def test_members_are_distinct_verse_openings_in_a_seeded_order():
+    data = verse_cfg(16)
+    tok = get_tokenizer(data)
+    rows = text_set.members(data, tok, 12)
+    assert rows.shape == (16, 12)
+    assert len({tuple(r) for r in rows.tolist()}) == 16
+    assert torch.equal(rows, text_set.members(data, tok, 12))  # deterministic
+    assert not torch.equal(rows, text_set.members(verse_cfg(16, seed=1), tok, 12))
+    import data_sources
+
+    texts = [v["text"] for v in data_sources.bible_verses()]
+    openings = {tuple(ids[:12]) for ids in tok(texts, add_special_tokens=False)["input_ids"]}
+    assert all(tuple(r) in openings for r in rows.tolist())  # each is a real verse's start
+    train = text_set.get_dataset(data, tok, "train", 12)
+    assert len(train) == 16 * int(data.repeats)
+
+
+def test_too_many_members_is_one_clear_error():
+    data = verse_cfg(10**6)
+    with pytest.raises(Exception, match="data.num_sequences=1000000"):
+        text_set.members(data, get_tokenizer(data), 16)
+
+
+def test_verse_set_trains_and_sample_eval_scores_precision(tmp_path):
+    """data=verse_set through main.py: training, then sample_eval writes exact set scores."""
+    model = [
+        "model.hidden_size=32",
+        "model.cond_dim=16",
+        "model.n_heads=2",
+        "model.n_blocks=1",
+        "decoder.hidden_size=32",
+        "decoder.cond_dim=16",
+        "decoder.n_heads=2",
+    ]
+    common = [
+        "data=verse_set",
+        "recipe=verse_set",
+        "data.num_sequences=8",
+        "data.repeats=4",
+        "loader.global_batch_size=8",
+        "loader.eval_batch_size=8",
+        *model,
+        *QUIET,
+    ]
+    with one_thread():
+        run_job(
+            tmp_path,
+            *common,
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "callbacks.checkpoint_every_n_steps.every_n_train_steps=3",
+        )
+        run_job(
+            tmp_path,
+            *common,
+            "mode=sample_eval",
+            "sampling.steps=2",
+            f"eval.checkpoint_path={tmp_path}/checkpoints/last.ckpt",
+        )
+    (path,) = tmp_path.glob("samples_vae_T2_fixzTrue.json")
+    result = json.loads(path.read_text())
+    assert result["num_members"] == 8
+    assert 0.0 <= result["precision"] <= 1.0
+    assert result["num_samples"] == 8 * 4  # eval batch x recipe's num_sample_batches
+    assert result["coverage_of_exact_draws"] == pytest.approx(1 - (7 / 8) ** 32)

@@ -1,0 +1,86 @@
+"""A finite set of text sequences whose distribution is known exactly (data.kind=set).
+
+The text analogue of the checkerboard (`data=verse_set`): N distinct token sequences of
+model.length tokens, each the first L tokens of a KJV verse under the data config's
+tokenizer (the embedded default's BPE), and the data distribution is uniform over them.
+Because the truth is known, samples can be scored exactly:
+
+- precision: the fraction of samples that are members of the set;
+- coverage: the fraction of the N members found among the samples, beside the coverage
+  that S exact draws from the uniform distribution reach on average, N (1 - (1 - 1/N)^S);
+- the true entropy log N per sequence (the NLL a perfect model reaches: no bound can be
+  below it).
+
+Why it shows few-step correlation: a T = 1 masked-diffusion step reveals all L positions
+at once, independently given xt, so MDLM draws from the product of the positions'
+marginals and almost never lands on a member; VADD's decoder is factorised given z, and
+a z that names the member makes the one-step product exact.
+
+Rows are plain (L,) token ids: no BOS / EOS framing and no padding. The training split
+repeats the set `repeats` times (so an epoch shows every member equally often), the
+validation split is the set once.
+"""
+
+import math
+import random
+
+import torch
+from omegaconf import DictConfig
+
+import data_sources
+from grid_data import TokenRows
+
+
+def members(data_cfg: DictConfig, tokenizer, length: int) -> torch.Tensor:
+    """The N member sequences (N, length), in a fixed order given data.seed.
+
+    Verses with at least `length` tokens (no special tokens) give their first `length`
+    tokens; duplicates are dropped; a seeded draw picks data.num_sequences of them."""
+    texts = [verse["text"] for verse in data_sources.bible_verses()]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    unique = sorted({tuple(row[:length]) for row in ids if len(row) >= length})
+    n = int(data_cfg.num_sequences)
+    if n > len(unique):
+        raise data_sources.DataUnavailableError(
+            f"data.num_sequences={n} but only {len(unique)} distinct verse openings have "
+            f"{length} tokens: lower data.num_sequences or model.length"
+        )
+    chosen = random.Random(int(data_cfg.seed)).sample(unique, n)
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def get_dataset(data_cfg: DictConfig, tokenizer, split: str, length: int) -> TokenRows:
+    rows = members(data_cfg, tokenizer, length)
+    if split == "train":
+        rows = rows.repeat(int(data_cfg.repeats), 1)
+    return TokenRows(rows)
+
+
+def expected_coverage(num_members: int, num_samples: int) -> float:
+    """Mean fraction of N equally likely members seen in S independent exact draws."""
+    if num_members == 0:
+        return 0.0
+    return 1.0 - (1.0 - 1.0 / num_members) ** num_samples
+
+
+def set_scores(samples: torch.Tensor, member_rows: torch.Tensor) -> dict:
+    """Exact scores of sampled rows (S, L) against the set (N, L)."""
+    known = {tuple(row) for row in member_rows.tolist()}
+    hits = [tuple(row) in known for row in samples.tolist()]
+    found = {tuple(row) for row, hit in zip(samples.tolist(), hits, strict=True) if hit}
+    n, s = len(known), len(hits)
+    return {
+        "precision": sum(hits) / s if s else 0.0,
+        "coverage": len(found) / n if n else 0.0,
+        "coverage_of_exact_draws": expected_coverage(n, s),
+        "distinct_members_found": len(found),
+        "num_members": n,
+        "true_entropy_nats_per_sequence": math.log(n) if n else 0.0,
+    }
+
+
+def score_samples(data_cfg: DictConfig, tokens: torch.Tensor, tokenizer) -> dict:
+    """sample_eval's report for data.kind=set."""
+    if len(tokens) == 0:
+        return {}
+    return set_scores(tokens, members(data_cfg, tokenizer, tokens.shape[1]))
