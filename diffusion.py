@@ -331,7 +331,11 @@ class Diffusion(L.LightningModule):
         }
         self.results = utils.summarise_eval(sums, self.eval_draws)
         if self.loss_type == "vae":
-            self.results.update(self._latent_summary(float(sums["sequences"]) * self.eval_draws))
+            rows = float(sums["sequences"]) * self.eval_draws
+            summary = latent_diagnostics.reduce_and_summarise(
+                self._latent_stats, self.trainer.strategy, rows, self.cfg.seed
+            )
+            self.results.update(summary)
         if self.cfg.data.get("kind") == "image":  # one token per pixel value: bits per dim
             self.results["bits_per_dim"] = self.results["bpd"]
         if not self.trainer.sanity_checking:
@@ -346,20 +350,6 @@ class Diffusion(L.LightningModule):
         if self.ema is not None:
             self.ema.restore(self.trainable_parameters())
         utils.set_rng_state(self._rng_state)
-
-    def _latent_summary(self, sequences: float) -> dict:
-        """Collapse diagnostics (latent_diagnostics.py) over all ranks' evaluated rows."""
-        stats, strategy = self._latent_stats, self.trainer.strategy
-        sums = {k: strategy.reduce(v, reduce_op="sum") for k, v in stats.sums().items()}
-        if not sums:
-            return {}
-        rows = stats.rows()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            everyone = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, rows)
-            kept = [r for r in everyone if r is not None]
-            rows = tuple(torch.cat(parts) for parts in zip(*kept, strict=True)) if kept else None
-        return latent_diagnostics.LatentStats.summary(sums, rows, sequences, self.cfg.seed)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint):

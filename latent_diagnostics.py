@@ -161,6 +161,21 @@ class LatentStats:
         return out
 
 
+def reduce_and_summarise(stats: LatentStats, strategy, num_sequences: float, seed: int) -> dict:
+    """The summary over all processes: sums all-reduced, MI rows gathered (Lightning's
+    strategy; a single process reduces to itself)."""
+    sums = {k: strategy.reduce(v, reduce_op="sum") for k, v in stats.sums().items()}
+    if not sums:
+        return {}
+    rows = stats.rows()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, rows)
+        kept = [r for r in everyone if r is not None]
+        rows = tuple(torch.cat(parts) for parts in zip(*kept, strict=True)) if kept else None
+    return LatentStats.summary(sums, rows, num_sequences, seed)
+
+
 def collapse_warning(results: dict) -> str | None:
     """One line when the reported diagnostics say the latent has collapsed, else None."""
     if "active_units" not in results:

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
+import text_set  # noqa: E402
+
 ALGOS = ("mdlm", "vae")
 SAMPLERS = {  # name in the tables -> (algorithm, predictor, fixz)
     "MDLM": ("mdlm", "ddpm", None),
@@ -257,13 +259,8 @@ def plot(path: Path, table: dict, truth_coverage: float) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    base = compose(args.out, args.overrides)
-    vadd_steps = args.steps or int(base.trainer.max_steps)
-    mdlm_steps, ratio = compute_matched_steps(vadd_steps, args.overrides)
+def make_jobs(args, vadd_steps: int, mdlm_steps: int) -> list[dict]:
+    """One job per (seed, algorithm): its folder and its main.py overrides."""
     jobs = []
     for seed in range(1, args.seeds + 1):
         for algo, steps in (("vae", vadd_steps), ("mdlm", mdlm_steps)):
@@ -275,58 +272,61 @@ def main(argv=None) -> int:
                 f"trainer.val_check_interval={steps}",
                 f"callbacks.checkpoint_every_n_steps.every_n_train_steps={steps}",
             ]
-            out = args.out / f"{algo}_seed{seed}"
+            out = str(args.out / f"{algo}_seed{seed}")
             jobs.append(
                 dict(
                     algo=algo,
                     seed=seed,
-                    out=str(out),
+                    out=out,
                     overrides=overrides,
                     sample_steps=args.sample_steps,
                     num_samples=args.num_samples,
                 )
             )
-    print(
-        f"[verse_set] {len(jobs)} jobs (VADD {vadd_steps} steps, MDLM {mdlm_steps} = "
-        f"x{ratio:.2f} for equal compute), {args.jobs} at a time",
-        flush=True,
-    )
+    return jobs
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no shared torch state
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        runs = []
+    runs = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for run in pool.map(train_and_sample, jobs):
-            print(
-                f"[verse_set] trained {run['algo']} seed {run['seed']} in {run['train_seconds']} s",
-                flush=True,
-            )
+            secs = run["train_seconds"]
+            print(f"[verse_set] trained {run['algo']} seed {run['seed']} in {secs} s", flush=True)
             runs.append(run)
+    return runs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    vadd_steps = args.steps or int(compose(args.out, args.overrides).trainer.max_steps)
+    mdlm_steps, ratio = compute_matched_steps(vadd_steps, args.overrides)
+    jobs = make_jobs(args, vadd_steps, mdlm_steps)
+    print(f"[verse_set] {len(jobs)} jobs (VADD {vadd_steps} steps, MDLM {mdlm_steps} = "
+          f"x{ratio:.2f} for equal compute), {args.jobs} at a time", flush=True)  # fmt: skip
+    runs = run_jobs(jobs, args.jobs)
     judge_scores, truth = judge_all(runs, args.judge)
     table = summarise(runs, judge_scores)
     n = len(runs[0]["members"])
     truth.update(
         num_members=n,
         true_entropy_nats_per_sequence=math.log(n),
-        coverage_of_exact_draws=1 - (1 - 1 / n) ** args.num_samples,
+        coverage_of_exact_draws=text_set.expected_coverage(n, args.num_samples),
     )
+    settings = {"vadd_train_steps": vadd_steps, "mdlm_train_steps": mdlm_steps,
+                "compute_ratio": ratio, "seeds": args.seeds, "num_samples": args.num_samples,
+                "judge": args.judge, "overrides": args.overrides}  # fmt: skip
+    first = {"vae": "VADD fixz=True|1", "mdlm": "MDLM|1"}
     result = {
         "experiment": "verse_set: few-step sampling on a known set of 16-token verse openings",
         "table": {name: {str(k): v for k, v in rows.items()} for name, rows in table.items()},
         "truth": truth,
-        "settings": {
-            "vadd_train_steps": vadd_steps,
-            "mdlm_train_steps": mdlm_steps,
-            "compute_ratio": ratio,
-            "seeds": args.seeds,
-            "num_samples": args.num_samples,
-            "judge": args.judge,
-            "overrides": args.overrides,
-        },
+        "settings": settings,
         "final_validation": {f"{r['algo']}_seed{r['seed']}": r["final_validation"] for r in runs},
         "samples_T1": {
-            f"{r['algo']}_seed{r['seed']}": r["texts"].get(
-                ("VADD fixz=True" if r["algo"] == "vae" else "MDLM") + "|1", []
-            )[:5]
-            for r in runs
+            f"{r['algo']}_seed{r['seed']}": r["texts"].get(first[r["algo"]], [])[:5] for r in runs
         },
         "wall_seconds": round(time.time() - start, 1),
     }

@@ -346,3 +346,6 @@ def test_eval_without_ema_and_with_another_noise_process(tmp_path):
     other = build(make_cfg(tmp_path, "time_conditioning=True"))[1]
     with pytest.raises(CheckpointError, match="time_conditioning=False"):
         load_for_eval(other, ckpt, str(path))
+    faded = build(make_cfg(tmp_path, "decoder.fade_to_prior=False"))[1]
+    with pytest.raises(CheckpointError, match="decoder.fade_to_prior=True"):
+        load_for_eval(faded, ckpt, str(path))

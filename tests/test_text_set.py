@@ -116,3 +116,28 @@ def test_verse_set_trains_and_sample_eval_scores_precision(tmp_path):
     assert 0.0 <= result["precision"] <= 1.0
     assert result["num_samples"] == 8 * 4  # eval batch x recipe's num_sample_batches
     assert result["coverage_of_exact_draws"] == pytest.approx(1 - (7 / 8) ** 32)
+
+
+def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
+    """scripts/verse_set.py end to end on a tiny model: both models, every T, the truth."""
+    import subprocess
+    import sys
+
+    from hydra_jobs import ROOT
+
+    tiny = ["model.hidden_size=32", "model.cond_dim=16", "model.n_heads=2", "model.n_blocks=1",
+            "decoder.hidden_size=32", "decoder.cond_dim=16", "decoder.n_heads=2",
+            "data.num_sequences=8", "data.repeats=4", "loader.global_batch_size=8"]  # fmt: skip
+    args = ["--seeds", "1", "--steps", "2", "--sample-steps", "1", "4", "--num-samples", "6",
+            "--judge", "none", "--jobs", "1", "--out", str(tmp_path), *tiny]  # fmt: skip
+    cmd = [sys.executable, "scripts/verse_set.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "verse_set.json").read_text())
+    assert set(result["table"]) == {"MDLM", "VADD fixz=True", "VADD fixz=False"}
+    assert set(result["table"]["MDLM"]) == {"1", "4"}
+    assert result["settings"]["mdlm_train_steps"] > result["settings"]["vadd_train_steps"]
+    assert result["truth"]["num_members"] == 8
+    cell = result["table"]["VADD fixz=False"]["4"]["precision"]
+    assert len(cell["per_seed"]) == 1 and 0.0 <= cell["mean"] <= 1.0
+    assert (tmp_path / "verse_set.png").stat().st_size > 0
