@@ -121,7 +121,8 @@ def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: st
     seconds = round(time.time() - start, 2)
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
     any_order = predictor == "any_order"
-    tag = _sample_tag(cfg, predictor, fixz if uses_z else None, x_cond is not None)
+    conditional = bool(sp.prefix or sp.suffix or sp.template)  # not the set data's BOS frame
+    tag = _sample_tag(cfg, predictor, fixz if uses_z else None, conditional)
     out = f"{cfg.eval.output_dir}/samples_{tag}"
     if grid_data.is_grid_data(cfg.data):  # checkerboard JS / image grid, and <out>.png
         scores = grid_data.score_samples(cfg.data, tokens, out)

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 import samplers
+import text_set
 from config_check import ConfigError
 from diffusion import Diffusion
 
@@ -108,7 +109,8 @@ def conditioning_from_config(
 ) -> tuple[torch.LongTensor | None, dict]:
     """x_init (L,) from sampling.prefix/suffix/template (None when all unset) and a record
     of the conditioning for results files. BOS always opens it; EOS closes it for wrapped
-    data (data.wrap=True), where every training row ends with EOS."""
+    data (data.wrap=True), where every training row ends with EOS. Known-set data
+    (data.kind=set) is always sampled from BOS given, as its rows are framed."""
     s, length = cfg.sampling, int(cfg.model.length)
     record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template}
     x_init = None
@@ -117,6 +119,8 @@ def conditioning_from_config(
             tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
             mask_id=mask_id, eos=bool(cfg.data.get("wrap", False)),
         )  # fmt: skip
+    elif cfg.data.get("kind") == "set":  # known-set rows open with BOS (text_set.py)
+        x_init = text_set.sampling_frame(tokenizer, length, mask_id)
     given = 0 if x_init is None else int((x_init != mask_id).sum())
     return x_init, {**record, "given_positions": given, "free_positions": length - given}
 

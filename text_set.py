@@ -1,8 +1,9 @@
 """A finite set of text sequences whose distribution is known exactly (data.kind=set).
 
 The text analogue of the checkerboard (`data=verse_set`): N distinct token sequences of
-model.length tokens, each the first L tokens of a KJV verse under the data config's
-tokenizer (the embedded default's BPE), and the data distribution is uniform over them.
+model.length tokens, each BOS and then the first L - 1 tokens of a KJV verse under the
+data config's tokenizer (the embedded default's BPE), and the data distribution is
+uniform over them.
 Because the truth is known, samples can be scored exactly:
 
 - precision: the fraction of samples that are members of the set;
@@ -16,7 +17,12 @@ at once, independently given xt, so MDLM draws from the product of the positions
 marginals and almost never lands on a member; VADD's decoder is factorised given z, and
 a z that names the member makes the one-step product exact.
 
-Rows are plain (L,) token ids: no BOS / EOS framing and no padding. The training split
+Why BOS opens every row, and the samplers are given it (`sampling_frame`): the DiT
+knows positions only through rotary attention, which is relative. From an all-[MASK]
+input every position computes the same thing (identical values, whatever the attention
+weights), so a T = 1 step would draw every position from one shared marginal for any
+model, z or not; a fixed token at position 0 tells each position where it is, as BOS
+does for unwrapped text data. Rows have no EOS and no padding. The training split
 repeats the set `repeats` times (so an epoch shows every member equally often), the
 validation split is the set once.
 """
@@ -34,16 +40,17 @@ from grid_data import TokenRows
 def members(data_cfg: DictConfig, tokenizer, length: int) -> torch.Tensor:
     """The N member sequences (N, length), in a fixed order given data.seed.
 
-    Verses with at least `length` tokens (no special tokens) give their first `length`
-    tokens; duplicates are dropped; a seeded draw picks data.num_sequences of them."""
+    Verses with at least `length` - 1 tokens (no special tokens) give BOS and their first
+    `length` - 1 tokens; duplicates are dropped; a seeded draw picks data.num_sequences."""
     texts = [verse["text"] for verse in data_sources.bible_verses()]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    unique = sorted({tuple(row[:length]) for row in ids if len(row) >= length})
+    keep, bos = length - 1, tokenizer.bos_token_id
+    unique = sorted({(bos, *row[:keep]) for row in ids if len(row) >= keep})
     n = int(data_cfg.num_sequences)
     if n > len(unique):
         raise data_sources.DataUnavailableError(
             f"data.num_sequences={n} but only {len(unique)} distinct verse openings have "
-            f"{length} tokens: lower data.num_sequences or model.length"
+            f"{keep} tokens: lower data.num_sequences or model.length"
         )
     chosen = random.Random(int(data_cfg.seed)).sample(unique, n)
     return torch.tensor(chosen, dtype=torch.long)
@@ -54,6 +61,13 @@ def get_dataset(data_cfg: DictConfig, tokenizer, split: str, length: int) -> Tok
     if split == "train":
         rows = rows.repeat(int(data_cfg.repeats), 1)
     return TokenRows(rows)
+
+
+def sampling_frame(tokenizer, length: int, mask_id: int) -> torch.Tensor:
+    """The row (L,) the samplers start from: BOS given at position 0, the rest free."""
+    row = torch.full((length,), mask_id, dtype=torch.long)
+    row[0] = tokenizer.bos_token_id
+    return row
 
 
 def expected_coverage(num_members: int, num_samples: int) -> float:

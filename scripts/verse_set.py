@@ -2,10 +2,11 @@
 
 The text analogue of scripts/checkerboard.py, through the real code path: main.py's
 training job (GenDIT / InferDIT / DiT, the embedded default's BPE, `recipe=verse_set`),
-then generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD). The
-data are N distinct 16-token verse openings, uniformly (text_set.py), so every sample is
-scored exactly: precision (a member or not) and coverage (members found), beside what
-exact draws reach; the judge's gen-PPL and the unigram entropy are reported too.
+then generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD),
+from BOS given. The data are N distinct rows of BOS + 15 verse-opening tokens, uniformly
+(text_set.py), so every sample is scored exactly: precision (a member or not) and
+coverage (members found), beside what exact draws reach; the judge's gen-PPL and the
+unigram entropy are reported too.
 
 Equal training compute: MDLM gets more steps, in the ratio of the two models' matmul
 parameters per training step (decoder vs decoder + encoder; embedding tables excluded,
@@ -106,6 +107,7 @@ def train_and_sample(job: dict) -> dict:
     module = runner.build_module(cfg, tokenizer)  # cfg's batch sizes were derived by main.run
     load_for_eval(module, ckpt, "last.ckpt")
     member_rows = text_set.members(cfg.data, tokenizer, int(cfg.model.length))
+    frame = text_set.sampling_frame(tokenizer, int(cfg.model.length), module.vocab.mask_id)
     results, texts = {}, {}
     for name, (algo, predictor, fixz) in SAMPLERS.items():
         if algo != job["algo"]:
@@ -115,6 +117,7 @@ def train_and_sample(job: dict) -> dict:
             x, stats = generate(
                 module,
                 num_samples=job["num_samples"],
+                x_init=frame.expand(job["num_samples"], -1).clone(),  # BOS given
                 predictor=predictor,
                 steps=steps,
                 fixz=bool(fixz),
@@ -320,7 +323,7 @@ def main(argv=None) -> int:
                 "judge": args.judge, "overrides": args.overrides}  # fmt: skip
     first = {"vae": "VADD fixz=True|1", "mdlm": "MDLM|1"}
     result = {
-        "experiment": "verse_set: few-step sampling on a known set of 16-token verse openings",
+        "experiment": "verse_set: few-step sampling of a known set of BOS + verse openings",
         "table": {name: {str(k): v for k, v in rows.items()} for name, rows in table.items()},
         "truth": truth,
         "settings": settings,

@@ -51,21 +51,71 @@ def verse_cfg(n=16, seed=0):
     return OmegaConf.merge(cfg.data, {"seed": seed})
 
 
+TINY_DIT = ["model.hidden_size=32", "model.cond_dim=16", "model.n_heads=2", "model.n_blocks=1",
+            "decoder.hidden_size=32", "decoder.cond_dim=16", "decoder.n_heads=2"]  # fmt: skip
+
+
+def verse_module(loss_type: str, length: int = 8):
+    """An untrained tiny model of the verse_set recipe, and its tokenizer."""
+    from hydra import compose, initialize_config_dir
+    from hydra_jobs import ROOT
+
+    import runner
+
+    overrides = ["data=verse_set", "recipe=verse_set", f"training.loss_type={loss_type}",
+                 f"model.length={length}", *TINY_DIT]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    runner.derive_batch_sizes(cfg, 1)
+    tok = get_tokenizer(cfg.data)
+    torch.manual_seed(0)
+    return runner.build_module(cfg, tok).eval(), tok
+
+
 def test_members_are_distinct_verse_openings_in_a_seeded_order():
     data = verse_cfg(16)
     tok = get_tokenizer(data)
     rows = text_set.members(data, tok, 12)
     assert rows.shape == (16, 12)
+    assert (rows[:, 0] == tok.bos_token_id).all()  # BOS opens every row
     assert len({tuple(r) for r in rows.tolist()}) == 16
     assert torch.equal(rows, text_set.members(data, tok, 12))  # deterministic
     assert not torch.equal(rows, text_set.members(verse_cfg(16, seed=1), tok, 12))
     import data_sources
 
     texts = [v["text"] for v in data_sources.bible_verses()]
-    openings = {tuple(ids[:12]) for ids in tok(texts, add_special_tokens=False)["input_ids"]}
-    assert all(tuple(r) in openings for r in rows.tolist())  # each is a real verse's start
+    openings = {tuple(ids[:11]) for ids in tok(texts, add_special_tokens=False)["input_ids"]}
+    assert all(tuple(r[1:]) in openings for r in rows.tolist())  # each is a real verse's start
     train = text_set.get_dataset(data, tok, "train", 12)
     assert len(train) == 16 * int(data.repeats)
+
+
+def test_all_mask_input_gives_every_position_the_same_output_until_bos_is_given():
+    """Why known-set rows open with BOS and are sampled from it: rotary attention is
+    relative, so from an all-[MASK] row no position can tell where it is."""
+    module, _ = verse_module("mdlm")
+    mask = module.vocab.mask_id
+    with torch.no_grad():
+        for p in module.backbone.parameters():  # any weights (the output layer starts at 0)
+            p.normal_(0.0, 0.2)
+        blank = module.backbone(torch.full((1, 8), mask), torch.zeros(1))  # (1, 8, V)
+        framed = torch.full((1, 8), mask)
+        framed[0, 0] = 1
+        anchored = module.backbone(framed, torch.zeros(1))
+    assert torch.allclose(blank[0], blank[0, :1].expand(8, -1), atol=1e-5)
+    assert not torch.allclose(anchored[0, 1], anchored[0, 2], atol=1e-3)
+
+
+def test_sampling_frame_fixes_bos_and_the_samplers_keep_it():
+    from generation import generate
+
+    module, tok = verse_module("vae")
+    frame = text_set.sampling_frame(tok, 8, module.vocab.mask_id)
+    assert frame[0] == tok.bos_token_id and (frame[1:] == module.vocab.mask_id).all()
+    for predictor in ("vae", "ddpm"):
+        x, _ = generate(module, x_init=frame.expand(4, -1).clone(), predictor=predictor,
+                        steps=2, num_samples=4)  # fmt: skip
+        assert (x[:, 0] == tok.bos_token_id).all() and (x != module.vocab.mask_id).all()
 
 
 def test_too_many_members_is_one_clear_error():
