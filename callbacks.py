@@ -3,23 +3,40 @@
 import os
 import signal
 
+import torch
 from lightning.pytorch.callbacks import Callback
+
+import utils
 
 
 class SafetyCheckpoint(Callback):
     """Write `<dirpath>/last.ckpt` at the end of training (unless the newest save already
     holds the final step) and on pre-emption or a crash, so no finished or interrupted
-    run loses its weights.
+    run loses its weights, and never write a worse state over a good file:
+
+    - a run that fails before training starts (a refused or failed restore, bad optimiser
+      settings) writes nothing;
+    - an exception writes last.ckpt only if the run has advanced past the step the file
+      already holds, and only finite weights;
+    - a NaN / inf loss stop (diffusion.NonFiniteLossError, raised before the bad step
+      reaches the weights) keeps last.ckpt and writes the last finite state under its
+      own name, `nonfinite-step=<N>.ckpt`, beside the offending batch.
 
     Lightning handles SIGTERM itself: it finishes the current step and raises
     SIGTERMException (a clean exit), which reaches `on_exception` here. SIGUSR1 (the usual
-    pre-emption warning of clusters) is turned into SIGTERM, unless Lightning's SLURM
-    auto-requeue already owns it. (Lightning's OnExceptionCheckpoint deletes its file at
-    the end of a successful run, so it cannot share last.ckpt with the periodic saves.)
+    pre-emption warning of clusters) and SIGINT (Ctrl-C) are turned into SIGTERM, so they
+    too stop at a step boundary with a consistent checkpoint (Lightning's own Ctrl-C path
+    stops wherever the interrupt lands, possibly between the optimiser and EMA updates).
+    `interrupted_by` records which signal stopped the run (main.py exits 130 for SIGINT).
+    (Lightning's OnExceptionCheckpoint deletes its file at the end of a successful run,
+    so it cannot share last.ckpt with the periodic saves.)
     """
 
     def __init__(self, dirpath: str, filename: str = "last"):
+        self.dirpath = dirpath
         self.path = os.path.join(dirpath, f"{filename}.ckpt")
+        self.started = False
+        self.interrupted_by: int | None = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._last_is_final(trainer):
@@ -38,8 +55,51 @@ class SafetyCheckpoint(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        self.started = True
+        if trainer.is_global_zero:
+            for path in utils.remove_stale_temp_files(self.dirpath):
+                utils.print0(f"[vadd] removed {path}: a save interrupted by a killed run")
+        for signum in (signal.SIGUSR1, signal.SIGINT):
+            current = signal.getsignal(signum)
+            if signum == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                continue  # Lightning's SLURM auto-requeue owns SIGUSR1
+            signal.signal(signum, self._to_sigterm)
+
+    def _to_sigterm(self, signum, frame) -> None:
+        self.interrupted_by = self.interrupted_by or signum
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.interrupted_by == signal.SIGINT and isinstance(exception, SystemExit):
+            exception.code = 130  # Ctrl-C's usual exit status (128 + SIGINT)
+        if not self.started:
+            utils.print0("[vadd] training did not start: no checkpoint written")
+            return
+        from diffusion import NonFiniteLossError
+
+        step = trainer.global_step
+        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
+            utils.print0(f"[vadd] the weights are not finite at step {step}: nothing written")
+            return
+        if isinstance(exception, NonFiniteLossError):
+            path = os.path.join(self.dirpath, f"nonfinite-step={step}.ckpt")
+            trainer.save_checkpoint(path)
+            utils.print0(f"[vadd] the last finite state is in {path}; {self.path} is kept")
+            return
+        held = saved_step(self.path)
+        if held is not None and held >= step:
+            utils.print0(f"[vadd] kept {self.path} (step {held}): this run is at step {step}")
+            return
         trainer.save_checkpoint(self.path)
+
+
+def saved_step(path: str) -> int | None:
+    """The global step a checkpoint file holds (memory-mapped: the tensors are not read),
+    or None when there is no readable checkpoint there."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(ckpt["global_step"])
+    except Exception:  # truncated or foreign: not worth keeping over a real state
+        return None

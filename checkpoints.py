@@ -1,14 +1,29 @@
-"""Reading checkpoints for evaluation, with clear refusals instead of silent mismatches."""
+"""Writing checkpoints that cannot destroy a good file, and reading them for evaluation
+with clear refusals instead of silent mismatches."""
 
 import fsspec
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+import utils
 from errors import VaddError
 
 
 class CheckpointError(VaddError, RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint write (periodic, last, best, on exception) through
+    utils.atomic_write: a temp file in the destination folder, fsync, rename. A kill or a
+    full disk mid-save leaves the previous file byte-identical (Lightning's own atomic
+    save stages in $TMPDIR, a plain copy when the run folder is on another filesystem)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        utils.atomic_write(str(path), lambda f: torch.save(checkpoint, f))
 
 
 def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
@@ -111,3 +126,70 @@ def _check_same_process(cfg, saved: dict | None, path: str) -> None:
                 f"{path} was trained with {key}={before[key]} but the config has {key}={value}: "
                 f"set {key}={before[key]}"
             )
+
+
+# What a resumed run must share with its checkpoint: with other values the weights would
+# not fit or would mean something else. (Optimiser and schedule values may change on a
+# resume: Diffusion.on_train_start applies the config's over the restored state.)
+RESUME_STRUCTURE = (
+    "backbone", "parameterization", "diffusion", "time_conditioning", "T", "training.loss_type",
+    "model.type", "model.hidden_size", "model.cond_dim", "model.n_heads", "model.n_blocks",
+    "model.length", "model.latent_dim", "model.latent1d", "model.latentMLP",
+    "model.latent_struc", "decoder.hidden_size", "decoder.cond_dim", "decoder.n_heads",
+    "decoder.n_blocks", "decoder.mask_struc", "decoder.fade_to_prior", "data.name",
+    "data.tokenizer_name_or_path",
+)  # fmt: skip
+
+
+def _lookup(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()
+
+
+def check_resume(cfg, vocab_size: int, path: str) -> None:
+    """Refuse, before anything is written, a resume whose structure differs from the
+    checkpoint's, naming every difference with both values. The checkpoint is
+    memory-mapped: its tensors are not read."""
+    from omegaconf import OmegaConf
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpointing.resume_ckpt_path={path} is not a readable checkpoint "
+            f"({type(err).__name__}); it may be truncated: resume from another checkpoint"
+        ) from err
+    meta = ckpt.get("vadd") if isinstance(ckpt, dict) else None
+    if not meta or "config" not in meta:
+        return  # not one of ours (e.g. Lightning's own): Lightning's checks apply
+    saved, current = meta["config"], OmegaConf.to_container(cfg, resolve=True)
+    diffs = []
+    for key in RESUME_STRUCTURE:
+        before, now = _lookup(saved, key), _lookup(current, key)
+        if before is not _MISSING and now is not _MISSING and before != now:
+            diffs.append(f"{key}={before} in the checkpoint, {now} now")
+    saved_vocab = meta.get("vocab", {}).get("size")
+    if saved_vocab is not None and saved_vocab != vocab_size:
+        diffs.append(f"vocabulary {saved_vocab} tokens in the checkpoint, {vocab_size} now")
+    before, now = (
+        _lookup(saved, "optim.encoder_lr_scale"),
+        _lookup(current, "optim.encoder_lr_scale"),
+    )
+    vae = current.get("training", {}).get("loss_type") == "vae"
+    if vae and before is not _MISSING and (before == 1.0) != (now == 1.0):
+        diffs.append(  # one AdamW parameter group at 1, two otherwise
+            f"optim.encoder_lr_scale={before} in the checkpoint, {now} now (the optimiser "
+            "state has another number of parameter groups)"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: " + "; ".join(diffs) + ". Set the checkpoint's "
+            "values, or start a new run (another checkpointing.save_dir, or "
+            "checkpointing.resume_from_ckpt=False; model.init_from=<ckpt> to warm-start)"
+        )

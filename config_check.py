@@ -66,7 +66,13 @@ RANGES = {
     "sampling.top_k": (0, None, True),
     "loader.global_batch_size": (1, None, True),
     "loader.num_workers": (0, None, True),
+    "seed": (0, None, True),
     "optim.lr": (0.0, None, False),
+    "optim.beta1": (0.0, 0.999999, False),  # AdamW needs [0, 1)
+    "optim.beta2": (0.0, 0.999999, False),
+    "optim.eps": (0.0, None, False),
+    "optim.weight_decay": (0.0, None, False),
+    "checkpointing.keep_last": (-1, None, True),  # -1 keeps every periodic checkpoint
     "optim.encoder_lr_scale": (0.0, None, False),
     "trainer.max_steps": (-1, None, True),
     "trainer.num_nodes": (1, None, True),
@@ -88,6 +94,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_sampling,
         _check_eval,
         _check_warm_start,
+        _check_resume,
         _check_strategy,
     )
     for rule in rules:
@@ -339,6 +346,26 @@ def _check_warm_start(cfg):
         raise ConfigError(
             f"training.freeze_decoder_steps={freeze} would freeze an untrained decoder: "
             "set model.init_from=<MDLM checkpoint> or training.freeze_decoder_steps=0"
+        )
+
+
+DEFAULT_RESUME_PATH = "${.save_dir}/checkpoints/last.ckpt"  # configs/config.yaml
+
+
+def _check_resume(cfg):
+    """The default resume path is used when it exists (re-running a command continues the
+    run); a resume path given explicitly must exist: a typo is not a fresh run."""
+    ck = cfg.checkpointing
+    if cfg.mode != "train" or not ck.get("resume_from_ckpt") or "resume_ckpt_path" not in ck:
+        return
+    raw = OmegaConf.to_container(ck, resolve=False).get("resume_ckpt_path")
+    if raw in (None, "", DEFAULT_RESUME_PATH):
+        return
+    path = str(ck.resume_ckpt_path)
+    if "://" not in path and not os.path.exists(path):
+        raise ConfigError(
+            f"checkpointing.resume_ckpt_path={path} does not exist: fix the path, or drop it "
+            "to resume from <checkpointing.save_dir>/checkpoints/last.ckpt when that exists"
         )
 
 

@@ -4,10 +4,11 @@ import hashlib
 import json
 import os
 import re
-import uuid
 
 import fsspec
 from omegaconf import DictConfig
+
+import utils
 
 PIPELINE_VERSION = 1  # part of every cache key: bump it when the processing changes
 
@@ -28,12 +29,7 @@ def exists(path: str) -> bool:
 
 
 def write_atomically(path: str, text: str) -> None:
-    fs, root = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(root), exist_ok=True)
-    staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    fs.mv(staging, root)
+    utils.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def digest(parts: list) -> str:

@@ -390,6 +390,11 @@ class Diffusion(L.LightningModule):
         rng, self._resume_rng = self._resume_rng, None
         if rng is not None:
             utils.set_rng_state(rng[min(self.global_rank, len(rng) - 1)])
+        if self.trainer.ckpt_path:  # a resume: the config's optimiser values, not the saved ones
+            o, opt = self.cfg.optim, self.optimizers(use_pl_optimizer=False)
+            lrs = [o.lr, o.lr * o.encoder_lr_scale][: len(opt.param_groups)]
+            for line in utils.apply_optim_config(opt, self.lr_schedulers(), lrs, o):
+                utils.print0(f"[vadd] resume applies {line}")
 
     def _resume_checkpoint_state(self) -> dict:
         rng = [utils.get_rng_state()]

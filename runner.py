@@ -15,7 +15,7 @@ import evaluation
 import interchange
 import sharding
 import utils
-from checkpoints import load_for_eval
+from checkpoints import AtomicCheckpointIO, check_resume, load_for_eval
 from config_check import ConfigError
 from diffusion import Diffusion, Vocab
 from models import count_parameters
@@ -41,6 +41,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         callbacks=callbacks,
         logger=logger,
         default_root_dir=cfg.checkpointing.save_dir,
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # data_order.ResumableSampler shards by rank itself
     )
 
@@ -142,6 +143,8 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
     path = cfg.checkpointing.resume_ckpt_path
     if cfg.checkpointing.resume_from_ckpt and path and fsspec.url_to_fs(path)[0].exists(path):
         ckpt = path
+        if "://" not in str(path):  # refused before anything is written
+            check_resume(cfg, module.vocab.size, path)
         utils.print0(f"[vadd] resuming from {path}")
     elif cfg.model.get("init_from"):  # a fresh run only: a resumed run keeps its own weights
         interchange.warm_start(module, cfg.model.init_from, cfg.model.init_from_ema)

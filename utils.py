@@ -1,9 +1,15 @@
 """Small helpers: LR schedules, RNG state, evaluation summaries, rank-zero printing, fsspec I/O."""
 
+import contextlib
+import glob
 import json
 import math
+import os
 import random
+import socket
 import statistics
+import uuid
+from collections.abc import Callable
 
 import fsspec
 import numpy as np
@@ -30,6 +36,31 @@ def build_lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig, max_steps: i
 
     schedules = {"constant_warmup": constant, "cosine_decay_warmup": cosine}
     return torch.optim.lr_scheduler.LambdaLR(opt, schedules[cfg.name])
+
+
+def apply_optim_config(
+    opt: torch.optim.Optimizer, sched, lrs: list[float], o: DictConfig
+) -> list[str]:
+    """After a resume: the config's lr (per parameter group, `lrs`), betas, eps and weight
+    decay over the values the restored optimiser / scheduler state brought back (which
+    would otherwise win silently); the schedule's shape comes from the config already.
+    Returns one line per changed value; with nothing changed the state is untouched."""
+    changes = []
+    wanted = {"betas": (float(o.beta1), float(o.beta2)), "eps": float(o.eps),
+              "weight_decay": float(o.weight_decay)}  # fmt: skip
+    for i, (group, lr) in enumerate(zip(opt.param_groups, lrs, strict=True)):
+        name = "optim.lr" if i == 0 else f"optim.lr x encoder_lr_scale (group {i})"
+        if sched.base_lrs[i] != lr:
+            changes.append(f"{name}: {sched.base_lrs[i]:g} -> {lr:g}")
+            sched.base_lrs[i] = group["initial_lr"] = lr
+            group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
+        for key, value in wanted.items():
+            if tuple(np.atleast_1d(group[key])) != tuple(np.atleast_1d(value)):
+                changes.append(f"optim.{key} (group {i}): {group[key]} -> {value}")
+                group[key] = value
+    if changes:
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return changes
 
 
 # ---------------------------------------------------------------- RNG state
@@ -101,14 +132,78 @@ def print0(*args, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 
 
-def write_json(path: str, obj: dict) -> None:
-    """Write JSON through fsspec (local, s3://, gs://...) via a temp file then rename."""
+TEMP_MARK = ".partial-"  # temp files: <folder>/.<name>.partial-<host>-<pid>-<random>
+
+
+def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
+    """Write `path` so that it is either the old file or the complete new one, never a
+    part: `write(f)` fills a temp file in the destination folder (a rename is atomic
+    only within one filesystem; Lightning's temp file in $TMPDIR becomes a copy when the
+    run folder is on another one), which is flushed, fsynced and renamed over `path`.
+    Any failure (full disk, an exception in `write`) removes the temp file and leaves
+    the old file as it was. Remote fsspec paths (s3://, gs://) upload then move."""
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
-    fs.makedirs(fs._parent(p), exist_ok=True)
-    tmp = p + ".tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    fs.mv(tmp, p)
+    mode = "wb" if binary else "w"
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(fs._parent(p), exist_ok=True)
+        tmp = f"{p}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, mode) as f:
+            write(f)
+        fs.mv(tmp, p)
+        return
+    folder, name = os.path.split(os.path.abspath(p))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}{TEMP_MARK}{_owner_tag()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete temp files of atomic_write left in `folder` by processes of this host that
+    are gone (a SIGKILL mid-save); another host's or a live process's files are kept."""
+    host, removed = socket.gethostname().replace("-", "_"), []
+    for path in glob.glob(os.path.join(glob.escape(folder), f".*{TEMP_MARK}*")):
+        owner = path.rsplit(TEMP_MARK, 1)[1].split("-")
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if int(owner[1]) != os.getpid() and not _alive(int(owner[1])):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write JSON through fsspec (local, s3://, gs://...) atomically (atomic_write)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 
 
 def write_text(path: str, text: str) -> None:

@@ -123,6 +123,9 @@ BAD_INPUTS = [
         "strategy=fsdp does not support trainer.precision=64-true",
         "or strategy=ddp",
     ),
+    (["optim.beta1=1.5"], "optim.beta1=1.5", "[0.0, 0.999999]"),
+    (["seed=-1"], "seed=-1", ">= 0"),
+    (["checkpointing.resume_ckpt_path=/typo.ckpt"], "/typo.ckpt does not exist", "fix the path"),
 ]
 
 
