@@ -33,6 +33,7 @@ CHOICES = {
     "strategy.name": ["auto", "ddp", "fsdp"],
     "sampling.predictor": ["auto", "vae", "vae_cache", "ddpm", "ddpm_cache", "any_order", "ar"],
     "sampling.order": ["left_to_right", "random"],
+    "sampling.frame": ["auto", "none"],
     "logger": ["csv", "wandb", "none"],
     "wandb.mode": ["offline", "online", "disabled"],
     # no fp16: the -inf mask logit overflows and the manual optimisation has no GradScaler

@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 
 import samplers
-import text_set
 from config_check import ConfigError
 from diffusion import Diffusion
 
@@ -104,23 +103,38 @@ def conditioning_from_text(
     return x
 
 
+def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
+    """(BOS at 0, EOS at L-1) that every training row holds, for sampling.frame=auto; None
+    when nothing is fixed (frame=none, grid / image data, the AR baseline)."""
+    if cfg.sampling.get("frame", "none") != "auto" or cfg.backbone == "ar":
+        return None
+    kind = cfg.data.get("kind", "text")
+    if kind == "set":  # text_set.py: BOS + the verse opening
+        return True, False
+    if kind != "text" or tokenizer.bos_token_id is None:
+        return None
+    return True, bool(cfg.data.get("wrap", False)) and tokenizer.eos_token_id is not None
+
+
 def conditioning_from_config(
     cfg: DictConfig, tokenizer, mask_id: int
 ) -> tuple[torch.LongTensor | None, dict]:
     """x_init (L,) from sampling.prefix/suffix/template (None when all unset) and a record
     of the conditioning for results files. BOS always opens it; EOS closes it for wrapped
-    data (data.wrap=True), where every training row ends with EOS. Known-set data
-    (data.kind=set) is always sampled from BOS given, as its rows are framed."""
+    data (data.wrap=True), where every training row ends with EOS. Unconditional sampling
+    gets the same frame when sampling.frame=auto (frame_positions)."""
     s, length = cfg.sampling, int(cfg.model.length)
-    record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template}
+    record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template,
+              "frame": s.get("frame", "none")}  # fmt: skip
     x_init = None
     if s.prefix or s.suffix or s.template:
         x_init = conditioning_from_text(
             tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
             mask_id=mask_id, eos=bool(cfg.data.get("wrap", False)),
         )  # fmt: skip
-    elif cfg.data.get("kind") == "set":  # known-set rows open with BOS (text_set.py)
-        x_init = text_set.sampling_frame(tokenizer, length, mask_id)
+    elif frame_positions(cfg, tokenizer):
+        bos, eos = frame_positions(cfg, tokenizer)
+        x_init = conditioning_from_text(tokenizer, length, mask_id=mask_id, bos=bos, eos=eos)
     given = 0 if x_init is None else int((x_init != mask_id).sum())
     return x_init, {**record, "given_positions": given, "free_positions": length - given}
 

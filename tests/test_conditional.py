@@ -538,3 +538,27 @@ def test_sample_eval_records_the_conditioning_and_keeps_the_text(tmp_path, cache
         assert saved["steps"] is None and saved["order"] == "random"
         assert results["nfe_per_sequence"] == cond["free_positions"]
     assert saved["top_k"] == cfg.sampling.top_k and saved["top_p"] == cfg.sampling.top_p
+
+
+@pytest.mark.parametrize("frame", ["auto", "none"])
+def test_unconditional_samples_get_the_framing_every_training_row_has(tmp_path, cache_dir, frame):
+    """sampling.frame=auto: wrapped text rows always open with BOS and close with EOS, so
+    the sampler is given both (an all-[MASK] start cannot tell positions apart); none:
+    nothing is given."""
+    cfg = make_cfg(
+        tmp_path, "mode=sample_eval", "model.length=24", "model.hidden_size=32",
+        "sampling.predictor=any_order", "sampling.num_sample_batches=1",
+        "loader.eval_batch_size=3", f"sampling.frame={frame}",
+    )  # fmt: skip
+    assert cfg.data.wrap
+    _, module, tokenizer = build(cfg)
+    results = run_sample_eval(cfg, module, tokenizer, "untrained")
+    (path,) = tmp_path.glob("samples_any_order_left_to_right_fixzTrue.json")  # not "_cond"
+    saved = json.loads(path.read_text())
+    tokens = torch.tensor(saved["token_ids"])
+    given = 2 if frame == "auto" else 0
+    assert saved["conditioning"]["given_positions"] == given
+    assert results["nfe_per_sequence"] == 24 - given  # any_order: one call per free position
+    if frame == "auto":
+        assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+        assert (tokens[:, -1] == tokenizer.eos_token_id).all()
