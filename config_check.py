@@ -315,6 +315,13 @@ def _check_eval(cfg):
             f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file "
             "or of a folder written by scripts/export.py"
         )
+    limit = cfg.eval.get("limit_batches")
+    ok = limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
+    if not ok and not (isinstance(limit, float) and 0.0 < limit <= 1.0):
+        raise ConfigError(
+            f"eval.limit_batches={limit!r} must be null (the whole split), a number of "
+            "batches >= 1, or a fraction in (0, 1]"
+        )
     times = cfg.eval.get("ppl_times", 1)
     if not isinstance(times, int) or isinstance(times, bool) or times < 1:
         raise ConfigError(f"eval.ppl_times={times!r} must be an integer >= 1")

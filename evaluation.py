@@ -48,6 +48,8 @@ def run_ppl_eval(
         "num_particles": module.eval_particles,
         "seconds": round(time.time() - start, 2),
         **module.results,
+        "rows_in_split": _rows_in_split(loader),
+        "limit_batches": cfg.eval.get("limit_batches"),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:
@@ -57,7 +59,8 @@ def run_ppl_eval(
         utils.print0(
             f"[ppl_eval] {cfg.data.name}: ppl={results['ppl']:.3f} nll={results['nll']:.4f}{bits} "
             f"({results['bound']}, {results['weights']} weights, "
-            f"{module.eval_draws} draw(s)) -> {path}"
+            f"{module.eval_draws} draw(s), {int(results.get('sequences', 0))} of "
+            f"{results['rows_in_split'] or '?'} rows) -> {path}"
         )
         if "active_units" in results:
             utils.print0(
@@ -69,6 +72,15 @@ def run_ppl_eval(
         if warning:
             utils.print0(warning)
     return results
+
+
+def _rows_in_split(loader) -> int | None:
+    """Rows of the evaluation split (all ranks), to set beside the rows evaluated."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # a streaming dataset has no length
+        return None
 
 
 def draw_samples(cfg: DictConfig, module: Diffusion, predictor: str, fixz: bool, x_init):

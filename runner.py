@@ -29,6 +29,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     for key in MODULE_OWNED_TRAINER_KEYS:
         kwargs.pop(key)
     kwargs["precision"] = resolve_precision(kwargs["precision"], kwargs["accelerator"])
+    if cfg.mode == "ppl_eval":  # the whole split unless limited for this mode
+        limit = cfg.eval.get("limit_batches")
+        kwargs["limit_val_batches"] = 1.0 if limit is None else limit
     logger = _logger(cfg) if cfg.mode == "train" else False
     callbacks = []
     if cfg.mode == "train":

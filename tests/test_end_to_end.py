@@ -202,6 +202,8 @@ def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
     ppl = json.loads((eval_dir / "ppl_eval.json").read_text())
     assert ppl["bound"].startswith("negative DELBO") and ppl["weights"] == "EMA"
     assert len(ppl["ppl_per_draw"]) == 2 and ppl["ppl"] < 2048
+    # the whole split, although TINY limits training's validations to 2 batches
+    assert ppl["sequences"] == ppl["rows_in_split"] > 2 * 16 and ppl["limit_batches"] is None
 
     for fixz in ("True", "False"):
         _run(
@@ -220,6 +222,15 @@ def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
         assert all(len(ids) == 64 for ids in out["token_ids"])
         assert all(max(ids) < 2048 for ids in out["token_ids"])  # no [MASK] left
         assert (eval_dir / f"samples_vae_T8_fixz{fixz}.txt").exists()
+
+
+@pytest.mark.parametrize("limit,expected", [(None, 1.0), (3, 3), (0.5, 0.5)])
+def test_ppl_eval_limits_batches_only_when_asked_for_that_mode(tmp_path, limit, expected):
+    cfg = make_cfg(tmp_path, "mode=ppl_eval", "eval.checkpoint_path=x.ckpt",
+                   f"eval.limit_batches={'null' if limit is None else limit}",
+                   "trainer.accelerator=cpu", "trainer.devices=1")  # fmt: skip
+    assert cfg.trainer.limit_val_batches == 2  # training's limit (TINY)
+    assert runner.build_trainer(cfg).limit_val_batches == expected
 
 
 def test_checkpoint_for_another_vocabulary_or_size_is_refused(tmp_path):
