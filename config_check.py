@@ -23,7 +23,7 @@ CHOICES = {
     "parameterization": ["subs", "ar"],
     "training.loss_type": ["mdlm", "vae"],
     "training.loss_strategy": ["klweight", "cyclical", "none"],
-    "training.kl_weighting": ["time", "steps"],
+    "training.kl_weighting": ["time", "steps", "once"],
     "model.latent_struc": ["adaln"],
     "model.type": ["ddit", "toy_mlp"],
     "model.gelu": ["auto", "tanh", "erf"],
@@ -266,11 +266,32 @@ def _check_vae(cfg):
             f"training.free_bits_group={group} must divide model.latent_dim={m.latent_dim}: "
             "use a divisor, or 0 for one floor over all of z"
         )
+    if cfg.training.kl_weighting == "once":
+        _check_kl_once(cfg)
     if cfg.training.loss_strategy == "cyclical" and cfg.training.kl_cycle_ramp <= 0:
         raise ConfigError(
             "training.kl_cycle_ramp=0 leaves no steps for beta to rise in a cycle: use a "
             "fraction in (0, 1], e.g. 0.5"
         )
+
+
+def _check_kl_once(cfg):
+    """kl_weighting=once bounds -log p only for an r(z | x0) that sees neither xt nor t."""
+    struc = cfg.decoder.get("mask_struc")
+    rules = [
+        (struc != "none", f"decoder.mask_struc={struc}", "decoder.mask_struc=none (r reads x0)"),
+        (bool(cfg.decoder.get("fade_to_prior")), "decoder.fade_to_prior=True",
+         "decoder.fade_to_prior=False (r may not depend on t)"),
+        (bool(cfg.time_conditioning), "time_conditioning=True", "time_conditioning=False"),
+        (cfg.training.num_particles != 1 or cfg.eval.num_particles != 1, "num_particles > 1",
+         "training.num_particles=1 eval.num_particles=1 (one z per sequence)"),
+    ]  # fmt: skip
+    for bad, what, fix in rules:
+        if bad:
+            raise ConfigError(
+                f"training.kl_weighting=once (the KL paid once for one z) does not hold with "
+                f"{what}: set {fix}, or use training.kl_weighting=time"
+            )
 
 
 def _check_model_shape(cfg):

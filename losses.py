@@ -9,6 +9,10 @@ Notation: B sequences, K latent particles, L positions, d latent dims.
 kl_weighting='time':  lam_rec = lam_kl = w(t) = -alpha'_t / (1 - alpha_t)
 kl_weighting='steps': lam_rec = T (alpha_s - alpha_t) / (1 - alpha_t), lam_kl = T
   (a bound on -log p for a T-step sampler that redraws z each step; T = 1 is a VAE ELBO).
+kl_weighting='once':  lam_rec as MDLM's NELBO (continuous, or T steps when T > 0),
+  lam_kl = 1: -log p(x0) <= E_{z~r(z|x0)}[MDLM NELBO of x0 given z] + KL(r(z|x0) || p(z)),
+  the bound of a sampler that keeps one z for the whole chain (fixz=True). It needs an r
+  that reads x0 only (decoder.mask_struc=none, no time conditioning, no fade_to_prior).
 """
 
 import math
@@ -199,9 +203,11 @@ def loss_weights(
         lam_rec = torch.where(s <= 0, torch.full_like(t, float(num_steps)), lam_rec)
         if kl_weighting == "steps":
             return lam_rec, torch.full_like(t, float(num_steps))
-        return lam_rec, lam_rec
-    w = noise.loss_weight(t)
-    return w, w
+    else:
+        lam_rec = noise.loss_weight(t)
+    if kl_weighting == "once":  # the KL of the one z, once per sequence
+        return lam_rec, torch.ones_like(t)
+    return lam_rec, lam_rec
 
 
 def free_bits_penalty(

@@ -124,6 +124,16 @@ BAD_INPUTS = [
         "or strategy=ddp",
     ),
     (["optim.beta1=1.5"], "optim.beta1=1.5", "[0.0, 0.999999]"),
+    (
+        ["training.kl_weighting=once"],
+        "does not hold with decoder.mask_struc=adaln",
+        "set decoder.mask_struc=none",
+    ),  # fmt: skip
+    (
+        ["training.kl_weighting=once", "decoder.mask_struc=none"],
+        "decoder.fade_to_prior=True",
+        "decoder.fade_to_prior=False",
+    ),  # fmt: skip
     (["seed=-1"], "seed=-1", ">= 0"),
     (["checkpointing.resume_ckpt_path=/typo.ckpt"], "/typo.ckpt does not exist", "fix the path"),
 ]

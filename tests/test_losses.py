@@ -236,6 +236,23 @@ def test_steps_weighting_general_T(noise):
 
 
 @pytest.mark.parametrize("noise", [LogLinear(), Cosine()])
+@pytest.mark.parametrize("T", [0, 1, 4])
+def test_once_weighting_is_mdlm_reconstruction_plus_one_kl(noise, T):
+    """kl_weighting=once: E_t[lam_rec (-recon)] is the MDLM NELBO given z (the same weights
+    as MDLM's, continuous or T steps) and the KL counts once per sequence, whatever t."""
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    if T:
+        t = losses.discretize_t(t, T)
+    lam_rec, lam_kl = losses.loss_weights(t, noise, "once", T)
+    mdlm_rec, _ = losses.loss_weights(t, noise, "time", T)
+    torch.testing.assert_close(lam_rec, mdlm_rec)
+    assert torch.equal(lam_kl, torch.ones_like(t))
+    recon, kl = torch.tensor([[-3.0], [-1.0], [-7.5], [-2.0]]), torch.full((4, 1), 0.5)
+    loss = losses.iwae_delbo(recon.double(), kl.double(), lam_rec, lam_kl, 1.0)
+    torch.testing.assert_close(loss, -lam_rec * recon[:, 0].double() + 0.5)
+
+
+@pytest.mark.parametrize("noise", [LogLinear(), Cosine()])
 def test_time_weighting_is_the_continuous_weight(noise):
     t = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
     lam_rec, lam_kl = losses.loss_weights(t, noise, "time", 0)
