@@ -1,6 +1,7 @@
 """What each mode does, step by step: build the trainer, derive batch sizes, run the job."""
 
 import os
+from contextlib import nullcontext
 
 import fsspec
 import hydra
@@ -151,10 +152,14 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
         utils.print0(f"[vadd] resuming from {path}")
     elif cfg.model.get("init_from"):  # a fresh run only: a resumed run keeps its own weights
         interchange.warm_start(module, cfg.model.init_from, cfg.model.init_from_ema)
-    if trainer.is_global_zero:
-        os.makedirs(cfg.checkpointing.save_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(cfg.checkpointing.save_dir, "config.yaml"), resolve=True)
-    trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
+    save_dir = cfg.checkpointing.save_dir
+    local = "://" not in str(save_dir)
+    lock = utils.folder_lock(save_dir) if trainer.is_global_zero and local else nullcontext()
+    with lock:  # one run per folder
+        if trainer.is_global_zero:
+            os.makedirs(save_dir, exist_ok=True)
+            OmegaConf.save(cfg, os.path.join(save_dir, "config.yaml"), resolve=True)
+        trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
 
 
 def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, ckpt) -> dict:

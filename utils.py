@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from errors import VaddError
+
 
 # ---------------------------------------------------------------- learning-rate schedules
 def build_lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig, max_steps: int):
@@ -192,6 +194,8 @@ def remove_stale_temp_files(folder: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0 or -1, 0) would ask about whole process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -199,6 +203,56 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+class FolderLockedError(VaddError):
+    """Another live run holds the folder (main.py prints the message as one line)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold `<folder>/.vadd.lock` (host and pid of the holder) for the duration: a second
+    run started into a folder that a live run holds is refused; a lock left by a run that
+    died on this host is taken over with a message. A lock of another host cannot be
+    checked from here: it is refused with the file to delete if that run is gone."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".vadd.lock")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            host, pid = holder if holder else (socket.gethostname(), -1)
+            if host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+                print0(f"[vadd] taking over {path}: its run (pid {pid}) is gone")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            if host == socket.gethostname() and pid == os.getpid():
+                break  # this process holds it already (e.g. a second fit in one process)
+            where = f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
+            raise FolderLockedError(
+                f"{folder} is in use by another run ({where}): wait for it, use another "
+                f"checkpointing.save_dir, or delete {path} if that run is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield path
+    finally:
+        if _read_holder(path) == (socket.gethostname(), os.getpid()):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def _read_holder(path: str) -> tuple[str, int] | None:
+    try:
+        host, pid = open(path).read().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path: str, obj: dict) -> None:

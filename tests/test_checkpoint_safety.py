@@ -282,3 +282,34 @@ def test_a_resume_applies_a_changed_learning_rate_and_says_so(trained, tmp_path)
     assert decoder["initial_lr"] == pytest.approx(1e-4)
     assert encoder["initial_lr"] == pytest.approx(1.5e-5)
     assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-4), pytest.approx(1.5e-5)]
+
+
+# ---------------------------------------------------------------- one run per folder
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_dead_runs_lock_taken_over(
+    tmp_path,
+):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        command(run_dir, "trainer.max_steps=100000"), cwd=ROOT, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "step=3.ckpt").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        config_written = (run_dir / "config.yaml").stat().st_mtime_ns
+        second = run(run_dir, "trainer.max_steps=100000", timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by another run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert (run_dir / "config.yaml").stat().st_mtime_ns == config_written  # not rewritten
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run_dir / ".vadd.lock").exists()  # SIGKILL leaves it behind
+    held = int(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
+    third = run(run_dir, f"trainer.max_steps={held + 2}")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"(pid {first.pid}) is gone" in third.stdout
+    assert not (run_dir / ".vadd.lock").exists()  # released at the end
