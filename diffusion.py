@@ -118,8 +118,11 @@ class Diffusion(L.LightningModule):
             cycles=t.kl_cycles, ramp=t.kl_cycle_ramp,
         )  # fmt: skip
 
-    def draw_t(self, n: int, seed: int, micro: int = 0) -> torch.Tensor:
-        """Antithetic t over the global batch; every rank draws the same u from `seed`."""
+    def draw_t(self, n: int, seed: int, micro: int = 0, accumulate: int | None = None):
+        """Antithetic t over the global batch; every rank draws the same u from `seed`.
+        Validation passes accumulate=1: its batch is not an accumulation window, and the
+        strata must cover [eps, 1] within it (else t would lie in 1/accumulate of it)."""
+        accumulate = self.accumulate if accumulate is None else accumulate
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         gen = torch.Generator().manual_seed(seed)
@@ -130,7 +133,7 @@ class Diffusion(L.LightningModule):
             antithetic=self.cfg.training.antithetic_sampling,
             generator=gen,
             offset=(micro * world + rank) * n,
-            global_n=n * world * self.accumulate,
+            global_n=n * world * accumulate,
         )
         return t.to(self.device)
 
@@ -304,7 +307,7 @@ class Diffusion(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         n = len(batch["input_ids"])
         for draw in range(self.eval_draws):
-            t = self.draw_t(n, seed=(self.cfg.seed + 1) * 7919 + batch_idx * 131 + draw)
+            t = self.draw_t(n, (self.cfg.seed + 1) * 7919 + batch_idx * 131 + draw, accumulate=1)
             out = self.compute_loss(batch, t, beta=1.0, num_particles=self.eval_particles)
             self._accumulate(f"nll_{draw}", out.per_seq.sum())
             for name, value in out.stats.items():

@@ -46,8 +46,10 @@ def sample_t(
         u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
         idx = torch.arange(offset, offset + n, device=device, dtype=torch.float64)
         t = torch.remainder(u + idx / global_n, 1.0)
-    else:
-        t = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    else:  # i.i.d. over the global batch: this micro-batch's slice, not the same n draws
+        global_n = global_n or n
+        t = torch.rand(global_n, generator=generator, device=device, dtype=torch.float64)
+        t = t[offset : offset + n]
     return (eps + (1.0 - eps) * t).float()
 
 

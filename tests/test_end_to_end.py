@@ -360,3 +360,24 @@ def test_eval_without_ema_and_with_another_noise_process(tmp_path):
     faded = build(make_cfg(tmp_path, "decoder.fade_to_prior=False"))[1]
     with pytest.raises(CheckpointError, match="decoder.fade_to_prior=True"):
         load_for_eval(faded, ckpt, str(path))
+
+
+def test_validation_t_covers_the_whole_interval_when_training_accumulates(tmp_path, monkeypatch):
+    """With 4 accumulation steps a training micro-batch holds 1/4 of the strata; a
+    validation batch must hold them all (it used to get t in one quarter of [eps, 1])."""
+    cfg = make_cfg(tmp_path, "loader.global_batch_size=8", "loader.batch_size=2")
+    _, module, _ = build(cfg)
+    assert module.accumulate == 4
+    train_t = module.draw_t(16, seed=3, micro=0)
+    assert train_t.max() - train_t.min() < 0.25  # one quarter: the window has 4 parts
+    seen = []
+    original = module.compute_loss
+    monkeypatch.setattr(
+        module, "compute_loss", lambda batch, t, **kw: seen.append(t) or original(batch, t, **kw)
+    )
+    batch = {"input_ids": torch.randint(0, 100, (16, 64))}
+    module.on_validation_epoch_start()
+    module.validation_step(batch, 0)
+    (t,) = seen
+    strata = torch.floor(t.double() * 16).long()  # one t per 1/16 of [0, 1]
+    assert sorted(strata.tolist()) == list(range(16))

@@ -46,6 +46,21 @@ def test_antithetic_micro_batches_differ_without_offsets():
     assert not torch.isclose(a[:, None], b[None, :]).any()
 
 
+def test_plain_t_of_the_micro_batches_and_ranks_are_the_global_draw_sliced():
+    """antithetic_sampling=False: every micro-batch / rank draws from the same seed, so
+    each takes its slice of one global draw (the same n values everywhere before)."""
+    parts = [
+        losses.sample_t(4, eps=0.0, antithetic=False, generator=torch.Generator().manual_seed(5),
+                        offset=k * 4, global_n=12)
+        for k in range(3)
+    ]  # fmt: skip
+    whole = losses.sample_t(
+        12, eps=0.0, antithetic=False, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[0], parts[1])
+
+
 def test_plain_t_in_range_and_roughly_uniform():
     g = torch.Generator().manual_seed(0)
     eps = 0.1
