@@ -1,10 +1,14 @@
-"""Small Lightning callbacks of our own."""
+"""Small Lightning callbacks of our own, and a CSV logger that keeps a resumed run's history."""
 
+import csv
 import os
 import signal
 
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 import utils
 
@@ -103,3 +107,30 @@ def saved_step(path: str) -> int | None:
         return int(ckpt["global_step"])
     except Exception:  # truncated or foreign: not worth keeping over a real state
         return None
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+
+class HistoryCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume into the same folder: the resumed
+    run's rows are appended (steps logged after the checkpoint by the interrupted run
+    appear twice; the later rows are the resumed run's). A fresh run starts a new file."""
+
+    def __init__(self, *args, keep_history: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_history = keep_history
+
+    @property
+    @rank_zero_experiment  # other ranks get Lightning's dummy writer, as with CSVLogger
+    def experiment(self):
+        if self._experiment is None and self.keep_history:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return super().experiment

@@ -82,9 +82,12 @@ def _logger(cfg: DictConfig):
             project=w.project, name=w.name, mode=w.mode, tags=list(w.tags),
             save_dir=cfg.checkpointing.save_dir,
         )  # fmt: skip
-    from lightning.pytorch.loggers import CSVLogger
+    from callbacks import HistoryCSVLogger
 
-    return CSVLogger(cfg.checkpointing.save_dir, name="logs", version="")
+    ck = cfg.checkpointing
+    resuming = bool(ck.resume_from_ckpt and ck.resume_ckpt_path)
+    resuming = resuming and fsspec.url_to_fs(ck.resume_ckpt_path)[0].exists(ck.resume_ckpt_path)
+    return HistoryCSVLogger(ck.save_dir, name="logs", version="", keep_history=resuming)
 
 
 def derive_batch_sizes(cfg: DictConfig, world: int) -> None:
