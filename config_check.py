@@ -87,6 +87,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
     rules = (
+        _check_sizes_and_paths,
         _check_data,
         _check_backbone,
         _check_vae,
@@ -379,6 +380,46 @@ def _check_warm_start(cfg):
 
 
 DEFAULT_RESUME_PATH = "${.save_dir}/checkpoints/last.ckpt"  # configs/config.yaml
+
+
+PATH_KEYS = ("checkpointing.save_dir", "checkpointing.resume_ckpt_path", "eval.checkpoint_path",
+             "data.path", "data.cache_dir", "model.init_from")  # fmt: skip
+
+
+def _check_sizes_and_paths(cfg):
+    """Batch sizes, step counts and paths that would fail late or silently."""
+    for key in ("loader.batch_size", "loader.eval_batch_size", "loader.eval_global_batch_size"):
+        value = _get(cfg, key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"{key}={value!r} must be a positive integer (or null: derived)")
+    interval = _get(cfg, "trainer.val_check_interval")
+    if interval is not None and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be > 0: a number of steps, or a "
+            "fraction of an epoch in (0, 1]"
+        )
+    if cfg.mode == "train" and _get(cfg, "trainer.max_steps") == 0:
+        raise ConfigError(
+            "trainer.max_steps=0 trains nothing and would write no checkpoint: set a "
+            "positive number of steps (-1: until trainer.max_epochs)"
+        )
+    eps = _get(cfg, "sampling.eps")
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 0.5
+    ):
+        raise ConfigError(f"sampling.eps={eps!r} must be in (0, 0.5): the sampler's last time")
+    for key in PATH_KEYS:
+        try:
+            value = _get(cfg, key)
+        except Exception:  # an interpolation that only resolves inside a Hydra run
+            continue
+        if isinstance(value, str) and value.startswith("~"):
+            raise ConfigError(
+                f"{key}={value} starts with '~', which is not expanded here (it would be a "
+                "folder named '~'): write the absolute path (the shell expands $HOME/...)"
+            )
 
 
 def _check_resume(cfg):

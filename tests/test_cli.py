@@ -135,6 +135,12 @@ BAD_INPUTS = [
         "decoder.fade_to_prior=False",
     ),  # fmt: skip
     (["seed=-1"], "seed=-1", ">= 0"),
+    (["loader.batch_size=0"], "loader.batch_size=0", "positive integer"),
+    (["loader.eval_batch_size=0"], "loader.eval_batch_size=0", "positive integer"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0", "must be > 0"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0", "positive number of steps"),
+    (["sampling.eps=0.7"], "sampling.eps=0.7", "(0, 0.5)"),
+    (["checkpointing.save_dir='~/runs/x'"], "checkpointing.save_dir=~/runs/x", "absolute path"),
     (["checkpointing.resume_ckpt_path=/typo.ckpt"], "/typo.ckpt does not exist", "fix the path"),
 ]
 
