@@ -232,13 +232,14 @@ def test_a_nan_stop_keeps_last_ckpt_and_saves_the_last_finite_state_apart(tmp_pa
         return out
 
     monkeypatch.setattr(module, "compute_loss", poisoned)
-    with pytest.raises(NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError, match="at step 2") as err:
         trainer.fit(module, dataloader.get_dataloaders(cfg, tokenizer)[0])
     assert (folder / "last.ckpt").read_bytes() == b"the good checkpoint"
     saved = torch.load(folder / "nonfinite-step=2.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
-    assert (tmp_path / "nonfinite_batch_step2.pt").exists()
+    batch = torch.load(tmp_path / "nonfinite_batch_step2.pt")  # the offending batch
+    assert batch["input_ids"].shape == (8, 64) and str(tmp_path) in str(err.value)
 
 
 # ---------------------------------------------------------------- Ctrl-C and resume
