@@ -3,6 +3,7 @@
 import csv
 import os
 import signal
+import threading
 
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -41,10 +42,19 @@ class SafetyCheckpoint(Callback):
         self.path = os.path.join(dirpath, f"{filename}.ckpt")
         self.started = False
         self.interrupted_by: int | None = None
+        self._handlers: dict[int, object] = {}  # the signal handlers before training
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._last_is_final(trainer):
             trainer.save_checkpoint(self.path)
+        self._restore_signals()
+
+    def _restore_signals(self) -> None:
+        """Outside fit, Ctrl-C is Python's KeyboardInterrupt again."""
+        for signum, handler in self._handlers.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+        self._handlers = {}
 
     def _last_is_final(self, trainer) -> bool:
         """Did a ModelCheckpoint with save_last already write the final step to our path?
@@ -63,10 +73,13 @@ class SafetyCheckpoint(Callback):
         if trainer.is_global_zero:
             for path in utils.remove_stale_temp_files(self.dirpath):
                 utils.print0(f"[vadd] removed {path}: a save interrupted by a killed run")
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
         for signum in (signal.SIGUSR1, signal.SIGINT):
             current = signal.getsignal(signum)
             if signum == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None):
                 continue  # Lightning's SLURM auto-requeue owns SIGUSR1
+            self._handlers[signum] = current
             signal.signal(signum, self._to_sigterm)
 
     def _to_sigterm(self, signum, frame) -> None:
@@ -74,6 +87,7 @@ class SafetyCheckpoint(Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_signals()
         if self.interrupted_by == signal.SIGINT and isinstance(exception, SystemExit):
             exception.code = 130  # Ctrl-C's usual exit status (128 + SIGINT)
         if not self.started:

@@ -243,6 +243,27 @@ def test_a_nan_stop_keeps_last_ckpt_and_saves_the_last_finite_state_apart(tmp_pa
 
 
 # ---------------------------------------------------------------- Ctrl-C and resume
+def test_ctrl_c_is_python_s_own_again_after_training(tmp_path):
+    from callbacks import SafetyCheckpoint
+
+    class Trainer:
+        is_global_zero, global_step, checkpoint_callbacks = True, 1, []
+
+        def save_checkpoint(self, path):
+            pass
+
+    before = signal.getsignal(signal.SIGINT)
+    for end in ("on_train_end", "on_exception"):
+        cb = SafetyCheckpoint(str(tmp_path))
+        cb.on_train_start(Trainer(), None)
+        assert signal.getsignal(signal.SIGINT) == cb._to_sigterm
+        args = (Trainer(), torch.nn.Linear(1, 1)) + (
+            (KeyError("x"),) if end == "on_exception" else ()
+        )
+        getattr(cb, end)(*args)
+        assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_ctrl_c_saves_exits_130_and_the_resume_equals_the_uninterrupted_run(tmp_path):
     steps = "trainer.max_steps=24"
     full = tmp_path / "full"
