@@ -40,6 +40,26 @@ CHOICES = {
     "trainer.precision": ["auto", "32-true", "32", "bf16-mixed", "bf16-true", "64-true"],
 }
 
+
+def check_group_choices(args: list[str], config_dir: str) -> None:
+    """`group=name` overrides on the command line name a file configs/<group>/<name>.yaml;
+    a typo (`data=wikitxt`) gets one line with the close matches instead of Hydra's
+    page-long listing. Run before Hydra parses the command line."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        folder = os.path.join(config_dir, key)
+        if not sep or "." in key or "/" in key or not os.path.isdir(folder):
+            continue
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+        for name in value.strip("[]").split(","):  # multirun lists: data=a,b
+            name = name.strip().strip("'\"")
+            if name and name not in names and name != "null":
+                close = difflib.get_close_matches(name, names, n=3)
+                fix = " or ".join(f"{key}={c}" for c in close)
+                fix = f"did you mean {fix}?" if close else "use one of " + ", ".join(names)
+                raise ConfigError(f"{key}={name} is not a config of configs/{key}/: {fix}")
+
+
 # key: (minimum, maximum or None, integer?)
 RANGES = {
     "T": (0, None, True),

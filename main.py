@@ -6,11 +6,12 @@ fails in seconds with one line (and exit status 2) instead of a stack trace late
 
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from config_check import validate_config
+from config_check import check_group_choices, validate_config
 from errors import VaddError
 
 # Known, harmless warnings of our dependencies that would otherwise fill every log:
@@ -58,4 +59,9 @@ def run(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra: a misspelt config group is one line, not Hydra's listing
+        check_group_choices(sys.argv[1:], str(Path(__file__).resolve().parent / "configs"))
+    except VaddError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

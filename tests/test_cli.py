@@ -136,6 +136,8 @@ BAD_INPUTS = [
     ),  # fmt: skip
     (["seed=-1"], "seed=-1", ">= 0"),
     (["loader.batch_size=0"], "loader.batch_size=0", "positive integer"),
+    (["data=wikitxt"], "data=wikitxt is not a config of configs/data/", "data=wikitext2"),
+    (["model=zzz"], "model=zzz", "use one of cpu, medium"),
     (["loader.eval_batch_size=0"], "loader.eval_batch_size=0", "positive integer"),
     (["trainer.val_check_interval=0"], "trainer.val_check_interval=0", "must be > 0"),
     (["trainer.max_steps=0"], "trainer.max_steps=0", "positive number of steps"),
