@@ -140,12 +140,43 @@ def _local_files(data_cfg: DictConfig) -> list[Path]:
     if root.is_file():
         files = [root] if root.suffix in TEXT_SUFFIXES else []
     else:
-        files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = sorted(_walk_text_files(root))
     if not files:
         raise DataUnavailableError(
             f"data.path={root} holds no .txt or .jsonl file: add some or change data.path"
         )
     return files
+
+
+def _walk_text_files(root: Path) -> list[Path]:
+    """.txt / .jsonl files below root, following symlinked folders (each real folder
+    once, so a link cycle ends)."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / n for n in names if Path(n).suffix in TEXT_SUFFIXES]
+    return [p for p in found if p.is_file()]
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text, or one line saying why it is not text."""
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise DataUnavailableError(
+            f"{path} looks binary (it has NUL bytes), not .txt/.jsonl text: remove it from "
+            "data.path or convert it"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataUnavailableError(
+            f"{path} is not UTF-8 (byte {err.start} of {len(data)}): convert it, e.g. "
+            f"iconv -f latin1 -t utf-8, or remove it from data.path"
+        ) from None
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -155,14 +186,24 @@ def _paragraphs(text: str) -> list[str]:
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if "text" not in record:
-                raise DataUnavailableError(f"{path}:{number} has no 'text' field: add one per line")
-            texts.append(record["text"])
+        except json.JSONDecodeError as err:
+            raise DataUnavailableError(
+                f"{path}:{number} is not valid JSON ({err.msg}, column {err.colno}): "
+                'write one object per line, {"text": "..."}'
+            ) from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataUnavailableError(f"{path}:{number} has no 'text' field: add one per line")
+        if not isinstance(record["text"], str):
+            kind = type(record["text"]).__name__
+            raise DataUnavailableError(
+                f"{path}:{number}: 'text' is a {kind}, not a string: write the document as text"
+            )
+        texts.append(record["text"])
     return [text for text in texts if text.strip()]
 
 
@@ -172,7 +213,7 @@ def local_documents(data_cfg: DictConfig) -> list[str]:
         if path.suffix == ".jsonl":
             documents += _jsonl_texts(path)
         else:
-            documents += _paragraphs(path.read_text(encoding="utf-8"))
+            documents += _paragraphs(_read_text(path))
     if not documents:
         raise DataUnavailableError(
             f"data.path={_local_root(data_cfg)} contains no text: add text or change data.path"

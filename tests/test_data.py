@@ -283,6 +283,52 @@ def test_local_text_errors_name_the_path(tmp_path, gpt2, case):
         assert "does not exist" in str(err.value)
 
 
+BAD_FILES = {  # name: (content, what the one-line error must say)
+    "binary.txt": (b"\x00\x01\x02PK\x03\x04" * 20, "looks binary"),
+    "latin1.txt": ("caf\xe9 au lait".encode("latin1"), "is not UTF-8 (byte 3"),
+    "broken.jsonl": (b'{"text": "ok"}\n{"text": "no end}\n', "broken.jsonl:2 is not valid JSON"),
+    "number.jsonl": (b'{"text": "ok"}\n{"text": 42}\n', "number.jsonl:2: 'text' is a int, not"),
+    "list.jsonl": (b'["text"]\n', "list.jsonl:1 has no 'text' field"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_data_files_are_one_line_naming_file_and_line(tmp_path, name):
+    content, message = BAD_FILES[name]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("A good paragraph.")
+    (folder / name).write_bytes(content)
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(folder))
+    with pytest.raises(DataUnavailableError) as err:
+        data_sources.local_documents(cfg)
+    assert message in str(err.value) and str(folder / name) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_one_byte_file_is_a_document_or_nothing_but_never_a_crash(tmp_path):
+    (tmp_path / "one.txt").write_text("x")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "one.txt"))
+    assert data_sources.local_documents(cfg) == ["x"]
+
+
+def test_symlinked_folders_inside_the_corpus_are_followed_once(tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    for i in range(10):
+        (real / f"{i}.txt").write_text(f"Document {i}.")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "own.txt").write_text("The corpus's own document.")
+    (corpus / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(corpus, target_is_directory=True)  # a cycle ends
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(corpus))
+    documents = data_sources.local_documents(cfg)
+    assert sorted(documents) == sorted(
+        ["The corpus's own document."] + [f"Document {i}." for i in range(10)]
+    )
+
+
 def test_unwrapped_rows_are_padded(tmp_path, gpt2):
     corpus = tmp_path / "corpus.jsonl"
     texts = ["Hello world"] * 19 + [" ".join(["long"] * 200)] * 21
