@@ -440,6 +440,32 @@ def _check_sizes_and_paths(cfg):
                 f"{key}={value} starts with '~', which is not expanded here (it would be a "
                 "folder named '~'): write the absolute path (the shell expands $HOME/...)"
             )
+    writes = [
+        "data.cache_dir",
+        "checkpointing.save_dir" if cfg.mode == "train" else "eval.output_dir",
+    ]
+    for key in writes:
+        try:
+            value = _get(cfg, key)
+        except Exception:
+            continue
+        if isinstance(value, str) and value and "://" not in value and not _can_create(value):
+            raise ConfigError(
+                f"{key}={value} cannot be written (a file is in the way, or no permission): "
+                "point it at a writable folder"
+            )
+
+
+def _can_create(path: str) -> bool:
+    """Can `path` be a folder we write into: its nearest existing ancestor is a writable
+    folder (and `path` itself, if it exists, a folder)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return os.path.isdir(path) and os.access(path, os.W_OK)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent) and os.access(parent, os.W_OK)
 
 
 def _check_resume(cfg):

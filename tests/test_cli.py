@@ -136,6 +136,7 @@ BAD_INPUTS = [
     ),  # fmt: skip
     (["seed=-1"], "seed=-1", ">= 0"),
     (["loader.batch_size=0"], "loader.batch_size=0", "positive integer"),
+    (["checkpointing.save_dir=README.md/run"], "README.md/run cannot be written", "writable"),
     (["data=wikitxt"], "data=wikitxt is not a config of configs/data/", "data=wikitext2"),
     (["model=zzz"], "model=zzz", "use one of cpu, medium"),
     (["loader.eval_batch_size=0"], "loader.eval_batch_size=0", "positive integer"),
