@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=256, help="samples per (model, T)")
     p.add_argument("--judge", default="smollm2", help="gen-PPL judge, or 'none'")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one job = model, seed)")
+    p.add_argument("--vadd", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for the VADD model only (repeatable), e.g. "
+                   "--vadd T=2 --vadd training.kl_weighting=once")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both models")
     return p.parse_args(argv)
 
@@ -269,6 +272,7 @@ def make_jobs(args, vadd_steps: int, mdlm_steps: int) -> list[dict]:
         for algo, steps in (("vae", vadd_steps), ("mdlm", mdlm_steps)):
             overrides = [
                 *args.overrides,
+                *(args.vadd if algo == "vae" else []),
                 f"training.loss_type={algo}",
                 f"seed={seed}",
                 f"trainer.max_steps={steps}",
@@ -320,7 +324,8 @@ def main(argv=None) -> int:
     )
     settings = {"vadd_train_steps": vadd_steps, "mdlm_train_steps": mdlm_steps,
                 "compute_ratio": ratio, "seeds": args.seeds, "num_samples": args.num_samples,
-                "judge": args.judge, "overrides": args.overrides}  # fmt: skip
+                "judge": args.judge, "overrides": args.overrides,
+                "vadd_overrides": args.vadd}  # fmt: skip
     first = {"vae": "VADD fixz=True|1", "mdlm": "MDLM|1"}
     result = {
         "experiment": "verse_set: few-step sampling of a known set of BOS + verse openings",

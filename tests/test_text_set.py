@@ -179,6 +179,8 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
             "decoder.hidden_size=32", "decoder.cond_dim=16", "decoder.n_heads=2",
             "data.num_sequences=8", "data.repeats=4", "loader.global_batch_size=8"]  # fmt: skip
     args = ["--seeds", "1", "--steps", "2", "--sample-steps", "1", "4", "--num-samples", "6",
+            "--vadd", "T=2", "--vadd", "training.kl_weighting=once",
+            "--vadd", "decoder.mask_struc=none", "--vadd", "decoder.fade_to_prior=False",
             "--judge", "none", "--jobs", "1", "--out", str(tmp_path), *tiny]  # fmt: skip
     cmd = [sys.executable, "scripts/verse_set.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -188,6 +190,10 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
     assert set(result["table"]["MDLM"]) == {"1", "4"}
     assert result["settings"]["mdlm_train_steps"] > result["settings"]["vadd_train_steps"]
     assert result["truth"]["num_members"] == 8
+    assert result["settings"]["vadd_overrides"][:2] == ["T=2", "training.kl_weighting=once"]
+    vadd_cfg = (tmp_path / "vae_seed1" / "config.yaml").read_text()
+    assert "kl_weighting: once" in vadd_cfg
+    assert "kl_weighting: once" not in (tmp_path / "mdlm_seed1" / "config.yaml").read_text()
     cell = result["table"]["VADD fixz=False"]["4"]["precision"]
     assert len(cell["per_seed"]) == 1 and 0.0 <= cell["mean"] <= 1.0
     assert (tmp_path / "verse_set.png").stat().st_size > 0
