@@ -53,29 +53,24 @@ def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
     return ckpt
 
 
-def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Refuse a state dict whose tensors do not fit the configured model, naming both shapes."""
+def check_compatible(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str, saved: dict | None = None
+) -> None:
+    """Refuse a state dict whose tensors do not fit the configured model, naming both
+    shapes; `saved` (the checkpoint's config) turns the refusal into the keys to set."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
-    if missing:
-        hint = (
-            " (a model without encoder: set training.loss_type=mdlm?)"
-            if any(k.startswith("encoder.") for k in missing)
-            else ""
-        )
-        raise CheckpointError(
-            f"{path} lacks {len(missing)} weights the config needs, e.g. {missing[0]}{hint}"
-        )
     unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        hint = (
-            " (a VADD checkpoint: set training.loss_type=vae?)"
-            if any(k.startswith("encoder.") for k in unexpected)
-            else ""
-        )
-        raise CheckpointError(
-            f"{path} has {len(unexpected)} weights the config lacks, e.g. {unexpected[0]}{hint}"
-        )
+    if missing or unexpected:
+        if missing:
+            what = f"{path} lacks {len(missing)} weights the config needs, e.g. {missing[0]}"
+            guess = " (a model without encoder: set training.loss_type=mdlm?)"
+        else:
+            what = f"{path} has {len(unexpected)} weights the config lacks, e.g. {unexpected[0]}"
+            guess = " (a VADD checkpoint: set training.loss_type=vae?)"
+        if not any(k.startswith("encoder.") for k in missing or unexpected):
+            guess = ""
+        raise CheckpointError(what + (_structure_fix(saved, getattr(model, "cfg", None)) or guess))
     for key, tensor in own.items():
         if state[key].shape != tensor.shape:
             raise CheckpointError(
@@ -83,7 +78,38 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: str
                 f"{tuple(tensor.shape)} in the model built from the config: the checkpoint was "
                 "trained with another vocabulary or model size "
                 "(check data=..., model=..., decoder=...)"
+                + _structure_fix(saved, getattr(model, "cfg", None))
             )
+
+
+# The keys that decide which networks exist and their shapes.
+ARCHITECTURE = (
+    "backbone", "parameterization", "training.loss_type", "model.hidden_size",
+    "model.cond_dim", "model.n_heads", "model.n_blocks", "model.latent_dim",
+    "model.latent1d", "model.latentMLP", "model.latent_struc", "decoder.hidden_size",
+    "decoder.cond_dim", "decoder.n_heads", "decoder.n_blocks", "decoder.mask_struc",
+)  # fmt: skip
+
+
+def _structure_fix(saved: dict | None, cfg) -> str:
+    """': it was trained with backbone=ar ...: set backbone=ar ...' for the architecture
+    keys whose values differ, or '' when the checkpoint carries no config."""
+    if not saved or cfg is None:
+        return ""
+    from omegaconf import OmegaConf
+
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diffs = [
+        (key, before, _lookup(current, key))
+        for key in ARCHITECTURE
+        if (before := _lookup(saved, key)) is not _MISSING and before != _lookup(current, key)
+    ]
+    if not diffs:
+        return ""
+    was = ", ".join(f"{k}={b}" for k, b, _ in diffs)
+    now = ", ".join(f"{k}={n}" for k, _, n in diffs)
+    add = " ".join(f"{k}={b}" for k, b, _ in diffs)
+    return f": it was trained with {was} (the config has {now}): set {add}"
 
 
 def load_for_eval(module, ckpt: dict, path: str) -> None:
@@ -95,7 +121,7 @@ def load_for_eval(module, ckpt: dict, path: str) -> None:
             f"{module.cfg.data.name} gives {module.vocab.size}: "
             "use the data/tokenizer it was trained with"
         )
-    check_compatible(module, ckpt["state_dict"], path)
+    check_compatible(module, ckpt["state_dict"], path, ckpt.get("vadd", {}).get("config"))
     _check_same_process(module.cfg, ckpt.get("vadd", {}).get("config"), path)
     module.load_state_dict(ckpt["state_dict"])
     if module.ema is not None and ckpt.get("exported_weights") == "EMA":

@@ -107,6 +107,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
     rules = (
+        _check_booleans,
         _check_sizes_and_paths,
         _check_data,
         _check_backbone,
@@ -167,6 +168,14 @@ def _check_data(cfg):
     if cfg.model.get("type") == "toy_mlp":
         _check_toy_mlp(cfg, kind)
     if kind == "text":
+        if cfg.data.get("valid") == "local_text":
+            _check_range(cfg, "data.valid_fraction", 0.0, 0.5, False)
+            _check_range(cfg, "data.valid_min_chars", 0, None, True)
+        if cfg.model.length < 3:
+            raise ConfigError(
+                f"model.length={cfg.model.length} is too short for text: every row holds BOS "
+                "and EOS around its tokens; set model.length >= 3 (MDLM: 1024)"
+            )
         return
     if kind == "set":
         _check_range(cfg, "data.num_sequences", 1, None, True)
@@ -317,6 +326,102 @@ def _check_kl_once(cfg):
 
 def _check_model_shape(cfg):
     _check_heads("model", cfg.model)
+    _check_memory(cfg)
+
+
+def _parameter_estimate(cfg) -> dict[str, float]:
+    """Rough parameter counts of what each size key builds (models/dit.py's layout: 12 H^2
+    per block plus AdaLN, the token table in and out, z's MLP and the encoder's head)."""
+    m, vocab = cfg.model, int(cfg.data.get("vocab_size") or 50304)
+    terms = {
+        "model.hidden_size": m.n_blocks * (12 * m.hidden_size**2 + 6 * m.cond_dim * m.hidden_size)
+        + 2 * vocab * m.hidden_size,
+    }
+    if cfg.training.loss_type == "vae" and cfg.backbone != "ar" and m.latent_dim:
+        d, dec = int(m.latent_dim), cfg.decoder
+        latent_mlp = 2 * d * d + d * m.cond_dim if m.latentMLP else 0
+        terms["model.latent_dim"] = latent_mlp + 2 * d * dec.hidden_size
+        terms["decoder.hidden_size"] = (
+            dec.n_blocks * (12 * dec.hidden_size**2 + 6 * dec.cond_dim * dec.hidden_size)
+            + vocab * dec.hidden_size
+        )
+    return terms
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
+def _check_memory(cfg):
+    """A size typo (model.latent_dim=5120000) would otherwise allocate until the machine
+    swaps or the OOM killer ends the job: refuse a model whose weights, gradients and
+    AdamW moments (16 bytes a parameter; weights and EMA, 8, to evaluate) exceed the
+    memory of this machine."""
+    total = _memory_bytes()
+    if total is None or cfg.model.get("type") == "toy_mlp":
+        return
+    terms = _parameter_estimate(cfg)
+    params = sum(terms.values())
+    need = params * (16 if cfg.mode == "train" else 8)
+    if need > total:
+        key = max(terms, key=terms.get)
+        raise ConfigError(
+            f"{key}={_get(cfg, key)} makes the model about {params:.2g} parameters "
+            f"({need / 2**30:,.0f} GiB to {'train' if cfg.mode == 'train' else 'evaluate'}), "
+            f"more than this machine's {total / 2**30:.0f} GiB of memory: is it a typo? "
+            "(model=small: hidden_size 768, latent_dim 512)"
+        )
+
+
+def _boolean_keys(config_dir: str) -> set[str]:
+    """Names of the keys the YAML files give a boolean value (fixz: null / True / False)."""
+    names = {"fixz"}
+
+    def walk(node):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif isinstance(value, bool):
+                names.add(str(key))
+
+    for folder, _, files in os.walk(config_dir):
+        for file in files:
+            if file.endswith(".yaml"):
+                node = OmegaConf.to_container(OmegaConf.load(os.path.join(folder, file)))
+                if isinstance(node, dict):
+                    walk(node)
+    return names
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+FALSE_WORDS = ("no", "n", "off", "false", "f", "0", "")
+
+
+def _check_booleans(cfg):
+    """Hydra reads `eval.disable_ema=no` as the string 'no', which Python treats as True:
+    a boolean key must hold True, False (or null where null is its default)."""
+    names = _boolean_keys(CONFIG_DIR)
+
+    def walk(node, prefix):
+        for key in node:
+            path = f"{prefix}{key}"
+            try:
+                value = node[key]
+            except Exception:  # an interpolation that resolves only inside a Hydra run
+                continue
+            if isinstance(value, DictConfig):
+                walk(value, f"{path}.")
+            elif key in names and value is not None and not isinstance(value, bool):
+                meant = "False" if str(value).strip().lower() in FALSE_WORDS else "True"
+                raise ConfigError(
+                    f"{path}={value!r} is not a boolean: write {path}={meant} (or "
+                    f"{'True' if meant == 'False' else 'False'})"
+                )
+
+    walk(cfg, "")
 
 
 def _check_heads(prefix, m):
@@ -372,10 +477,6 @@ def _check_eval(cfg):
 def _check_warm_start(cfg):
     """model.init_from / init_from_ema and training.freeze_decoder_steps (README "Warm start")."""
     path, freeze = _get(cfg, "model.init_from"), _get(cfg, "training.freeze_decoder_steps")
-    if not isinstance(_get(cfg, "model.init_from_ema"), bool):
-        raise ConfigError(
-            f"model.init_from_ema={_get(cfg, 'model.init_from_ema')!r} must be True or False"
-        )
     if path and cfg.backbone == "ar":
         raise ConfigError(
             f"model.init_from={path} loads a DiT (MDLM / vadd) checkpoint, but backbone=ar: "

@@ -28,6 +28,21 @@ def exists(path: str) -> bool:
     return fs.exists(root)
 
 
+def remove_tree(path: str) -> None:
+    """Delete a cache entry (file or folder); gone already is fine (another rank did it)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def first_line(err: BaseException) -> str:
+    """'TypeName: first line of the message', short enough for a one-line report."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+
+
 def write_atomically(path: str, text: str) -> None:
     utils.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

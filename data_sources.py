@@ -221,25 +221,99 @@ def local_documents(data_cfg: DictConfig) -> list[str]:
     return documents
 
 
-def _cut_95_5(text: str, split: str) -> str:
-    # A single document is cut at the first space after 95% of its characters.
-    cut = text.find(" ", int(0.95 * len(text)))
-    cut = int(0.95 * len(text)) if cut < 0 else cut
-    return text[:cut] if split == "train" else text[cut:]
+# Local corpora: a share of the characters is held out, as whole documents spread over
+# the corpus (a corpus of a single document is cut at a space instead). The share is
+# data.valid_fraction, raised so that at least data.valid_min_chars are held out (a few
+# hundred tokens are no evaluation), and never more than half of the text.
+MAX_VALID_SHARE = 0.5
+
+
+def valid_share(data_cfg: DictConfig, total_chars: int) -> float:
+    fraction = float(data_cfg.get("valid_fraction", 0.05))
+    least = int(data_cfg.get("valid_min_chars", 0)) / max(total_chars, 1)
+    return min(max(fraction, least), MAX_VALID_SHARE)
+
+
+def held_out(lengths: list[int], share: float) -> list[bool]:
+    """Which documents (by character count) are validation: each document goes where it
+    keeps the held-out characters closest to share x the characters seen so far, so the
+    held-out documents are spread evenly over the corpus. At least one document is held
+    out and at least one is kept for training."""
+    flags, held, seen = [], 0, 0
+    for n in lengths:
+        seen += n
+        take = abs(held + n - share * seen) < abs(held - share * seen)
+        flags.append(take)
+        held += n if take else 0
+    if len(flags) > 1 and not any(flags):
+        flags[len(flags) // 2] = True
+    if len(flags) > 1 and all(flags):
+        flags[0] = False
+    return flags
+
+
+def _cut(text: str, share: float) -> tuple[str, str]:
+    """A single document: (train, validation) cut at the first space after 1 - share."""
+    at = int((1 - share) * len(text))
+    cut = text.find(" ", at)
+    cut = at if cut < 0 else cut
+    return text[:cut], text[cut:]
+
+
+def _local_split(data_cfg: DictConfig) -> tuple[list[str], list[str], dict]:
+    """(train texts, validation texts, a description of the split for the JSON files)."""
+    documents = local_documents(data_cfg)
+    lengths = [len(d) for d in documents]
+    share = valid_share(data_cfg, sum(lengths))
+    if len(documents) == 1:
+        train, valid = (list(part) for part in zip(_cut(documents[0], share), strict=True))
+        rule = f"one document: its last {share:.1%} of characters, cut at a space"
+    else:
+        flags = held_out(lengths, share)
+        train = [d for d, f in zip(documents, flags, strict=True) if not f]
+        valid = [d for d, f in zip(documents, flags, strict=True) if f]
+        rule = f"whole documents spread over the corpus, {share:.1%} of its characters"
+    held_chars = sum(map(len, valid))
+    split = {
+        "rule": rule,
+        "documents": len(documents),
+        "validation_documents": len(valid) if len(documents) > 1 else 1,
+        "characters": sum(lengths),
+        "validation_characters": held_chars,
+        "validation_share": round(held_chars / max(sum(lengths), 1), 4),
+        "valid_fraction": float(data_cfg.get("valid_fraction", 0.05)),
+        "valid_min_chars": int(data_cfg.get("valid_min_chars", 0)),
+    }
+    return train, valid, split
 
 
 def _load_local_text(data_cfg: DictConfig, split: str) -> datasets.Dataset:
-    documents = local_documents(data_cfg)
-    if len(documents) == 1:
-        texts = [_cut_95_5(documents[0], split)]
-    else:
-        texts = every_20th(documents, split)
-    return datasets.Dataset.from_dict({"text": texts})
+    train, valid, _ = _local_split(data_cfg)
+    return datasets.Dataset.from_dict({"text": train if split == "train" else valid})
+
+
+def describe_split(data_cfg: DictConfig) -> dict | None:
+    """How data.valid's held-out text was chosen, for ppl_eval.json (None: unknown)."""
+    name = str(data_cfg.get("valid"))
+    if name == "local_text":
+        return _local_split(data_cfg)[2]
+    if name == "bible":
+        return {"rule": f"every {VALID_EVERY}th chapter of the KJV (chapters 0, 20, 40, ...)"}
+    if name in HUB_DATASETS:
+        path, _, _, (_, held), _ = HUB_DATASETS[name]
+        return {"rule": f"the hub split {held!r} of {path}"}
+    if name == "lambada":
+        return {"rule": "the LAMBADA test file (OpenAI's, 5,153 passages): the only split"}
+    if name == "text8":
+        return {"rule": "text8's last 5M characters (the D3PM / MDLM test split)"}
+    return None
 
 
 def _local_fingerprint(data_cfg: DictConfig) -> str:
     root = _local_root(data_cfg)
-    return _hash_files(_local_files(data_cfg), root if root.is_dir() else None)
+    files = _hash_files(_local_files(data_cfg), root if root.is_dir() else None)
+    rule = (data_cfg.get("valid_fraction", 0.05), data_cfg.get("valid_min_chars", 0))
+    return f"{files}|valid={rule}"  # the split decides which text each cache holds
 
 
 # ---------------------------------------------------------------- network guards

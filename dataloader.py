@@ -19,6 +19,7 @@ grid_data.py as fixed-length rows without framing; the loaders below serve both.
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ import datasets
 import fsspec
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import (
@@ -38,7 +40,16 @@ from transformers import (
 
 import grid_data
 import text_set
-from data_cache import PIPELINE_VERSION, cache_path, digest, exists, is_local, slug
+from data_cache import (
+    PIPELINE_VERSION,
+    cache_path,
+    digest,
+    exists,
+    first_line,
+    is_local,
+    remove_tree,
+    slug,
+)
 from data_order import ResumableSampler
 from data_sources import DataUnavailableError, get_source
 from tokenization import (  # noqa: F401  (re-exported: the data API lives here)
@@ -94,10 +105,34 @@ def get_dataset(
     key = digest([key, tokenizer_fingerprint(tokenizer), dataclasses.astuple(framing)])
     label = f"{name}_{split}_{slug(tokenizer.name_or_path)}_L{length}"
     path = cache_path(data_cfg, "datasets", f"{label}_{'wrap' if framing.wrap else 'pad'}_{key}")
-    if not exists(path):
-        raw = source.load(data_cfg, split)
-        _build(raw, tokenizer, framing, detokenizer, path, desc=f"tokenizing {name} {split}")
-    return datasets.load_from_disk(path).with_format("torch")  # integer columns -> int64
+    for attempt in range(2):
+        if not exists(path):
+            raw = source.load(data_cfg, split)
+            _build(raw, tokenizer, framing, detokenizer, path, desc=f"tokenizing {name} {split}")
+        try:
+            return _load_rows(path)
+        except Exception as err:  # truncated Arrow file, lost state.json, fewer rows, ...
+            if attempt:
+                raise
+            print(f"[vadd] the cached rows {path} are damaged ({first_line(err)}): rebuilding")
+            remove_tree(path)
+    raise AssertionError("unreachable")
+
+
+ROWS_FILE = "vadd_rows.json"  # the row count, written last: a cache without it is partial
+
+
+def _load_rows(path: str) -> datasets.Dataset:
+    rows = datasets.load_from_disk(path)
+    fs, root = fsspec.core.url_to_fs(path)
+    marker = f"{root}/{ROWS_FILE}"
+    if fs.exists(marker):  # caches from before the marker are trusted as they are
+        expected = json.loads(fs.cat_file(marker))["rows"]
+        if len(rows) != expected:
+            raise ValueError(f"{len(rows)} rows of {expected}")
+        if len(rows):
+            rows[len(rows) - 1]  # reads the last record: a cut Arrow stream fails here
+    return rows.with_format("torch")  # integer columns -> int64
 
 
 def _framing(
@@ -146,13 +181,39 @@ def _frame_batch(
     return _pad(flat, lengths, framing.length, bos, eos, tokenizer.pad_token_id)
 
 
+# A fast tokenizer holds ~200 bytes per character while it works (a 50 MB line took
+# 9.8 GB): longer documents are tokenised in pieces of at most this many characters.
+PIECE_CHARS = 1 << 20
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All documents' token ids concatenated, and each document's length."""
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    ids = ids["input_ids"]
+    if max(map(len, texts), default=0) > PIECE_CHARS:
+        ids = [_encode_long(tokenizer, text) for text in texts]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        ids = ids["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = itertools.chain.from_iterable(ids)
     return np.fromiter(flat, dtype=np.int32, count=int(lengths.sum())), lengths
+
+
+def _encode_long(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """One document's ids, tokenised piece by piece. Pieces end just before a space, where
+    byte-level BPE and WordPiece pre-tokenisers split anyway (GPT-2 attaches a space to
+    the word after it), so the ids equal those of the whole text."""
+    ids, start = [], 0
+    while start < len(text):
+        end = start + PIECE_CHARS
+        if end < len(text):
+            cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
+            end = cut if cut > start else end  # no space: cut mid-word (rare: base64 blobs)
+        piece = text[start:end]
+        ids += tokenizer(
+            piece, add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
+        start = end
+    return ids
 
 
 def _wrap(
@@ -210,7 +271,15 @@ def _build(
             new_fingerprint=digest([path]),  # skips hashing the tokenizer
             desc=desc,
         )
+        if len(rows) == 0:
+            raise DataUnavailableError(
+                f"{desc.removeprefix('tokenizing ')} gives no row of model.length="
+                f"{framing.length} tokens ({len(raw)} documents, too little text): add text, "
+                "or lower model.length"
+            )
         rows.save_to_disk(f"{staging}/rows")
+        with fsspec.open(f"{staging}/rows/{ROWS_FILE}", "w") as f:
+            json.dump({"rows": len(rows)}, f)
         _commit(f"{staging}/rows", path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -265,8 +334,10 @@ def _loader(cfg: DictConfig, dataset, split: str) -> DataLoader:
         # Training drops the last partial batch, so it needs one full batch; evaluation
         # keeps partial batches and needs one row.
         _check_rows(cfg, dataset, split, batch_size if train else 1)
-    elif train:
-        dataset = dataset.shuffle(seed=int(cfg.seed), buffer_size=10_000)
+    else:
+        if train:
+            dataset = dataset.shuffle(seed=int(cfg.seed), buffer_size=10_000)
+        dataset = RankShard(dataset)
     num_workers = int(cfg.loader.num_workers)
     sampler = None
     if not streamed:  # seeded, sharded over ranks, resumable mid-epoch (data_order.py)
@@ -284,6 +355,22 @@ def _loader(cfg: DictConfig, dataset, split: str) -> DataLoader:
         pin_memory=bool(cfg.loader.pin_memory) and torch.cuda.is_available(),  # else a warning
         persistent_workers=num_workers > 0,
     )
+
+
+class RankShard(torch.utils.data.IterableDataset):
+    """A streamed dataset read by this rank only: without it every DDP rank would read
+    the same rows. Rank and world are read when iteration starts (the process group
+    exists by then); datasets' split_dataset_by_node gives each rank whole shards of the
+    stream when they divide evenly, else every world-th row."""
+
+    def __init__(self, dataset: datasets.IterableDataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        rank, world = ResumableSampler._rank_world()
+        if world == 1:
+            return iter(self.dataset)
+        return iter(split_dataset_by_node(self.dataset, rank=rank, world_size=world))
 
 
 def _check_rows(cfg: DictConfig, dataset, split: str, needed: int) -> None:

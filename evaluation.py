@@ -49,6 +49,7 @@ def run_ppl_eval(
         "seconds": round(time.time() - start, 2),
         **module.results,
         "rows_in_split": _rows_in_split(loader),
+        "split": _describe_split(cfg),
         "limit_batches": cfg.eval.get("limit_batches"),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -62,6 +63,15 @@ def run_ppl_eval(
             f"{module.eval_draws} draw(s), {int(results.get('sequences', 0))} of "
             f"{results['rows_in_split'] or '?'} rows) -> {path}"
         )
+        share = (results["split"] or {}).get("validation_share")
+        if share is not None:
+            split = results["split"]
+            utils.print0(
+                f"[ppl_eval] {cfg.data.name} held out {split['validation_documents']} of "
+                f"{split['documents']} documents, {split['validation_characters']:,} of "
+                f"{split['characters']:,} characters ({share:.1%}; data.valid_fraction, "
+                "data.valid_min_chars)"
+            )
         if "active_units" in results:
             utils.print0(
                 f"[ppl_eval] latent: KL {results['kl_closed']:.3f} nats/sequence, "
@@ -72,6 +82,15 @@ def run_ppl_eval(
         if warning:
             utils.print0(warning)
     return results
+
+
+def _describe_split(cfg: DictConfig) -> dict | None:
+    """How the evaluation rows were held out (text data; None for grid / set data)."""
+    if cfg.data.get("kind", "text") != "text":
+        return None
+    import data_sources
+
+    return data_sources.describe_split(cfg.data)
 
 
 def _rows_in_split(loader) -> int | None:

@@ -176,7 +176,7 @@ def generate(
         with ctx, _autocast(device):
             if predictor == "ar":
                 x = samplers.sample_autoregressive(
-                    lambda prefix: module.backbone(prefix), num_samples, length,
+                    _last_logits(module), num_samples, length,
                     bos_id=vocab.bos_id, vocab_size=vocab.size, device=device, generator=generator,
                     top_k=top_k, top_p=top_p, x_init=x_init, mask_id=vocab.mask_id,
                 )  # fmt: skip
@@ -193,12 +193,25 @@ def generate(
 
 
 def _denoiser(module: Diffusion) -> samplers.DenoiseFn:
+    # The revealed rows' logits are computed in float32 (the draw is float64 after that).
     def denoise(xt, sigma, z, out_mask):
         if z is None:
-            return module.backbone(xt, sigma, out_mask=out_mask)
-        return module.backbone(xt, sigma, z=z, out_mask=out_mask)
+            return module.backbone(xt, sigma, out_mask=out_mask, fp32_logits=True)
+        return module.backbone(xt, sigma, z=z, out_mask=out_mask, fp32_logits=True)
 
     return denoise
+
+
+def _last_logits(module: Diffusion):
+    """prefix (B, i) -> (B, 1, V) float32 logits of the next token: only the last
+    position is projected (the AR sampler reads nothing else)."""
+
+    def logits(prefix: torch.Tensor) -> torch.Tensor:
+        last = torch.zeros_like(prefix, dtype=torch.bool)
+        last[:, -1] = True
+        return module.backbone(prefix, out_mask=last, fp32_logits=True)[:, None, :]
+
+    return logits
 
 
 def _latent(module: Diffusion, generator, length: int):

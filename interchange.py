@@ -113,20 +113,35 @@ def _read_folder_weights(path: str) -> dict[str, torch.Tensor]:
     if os.path.exists(safetensors_path):
         from safetensors.torch import load_file
 
-        return load_file(safetensors_path)
+        return _readable(safetensors_path, load_file)
     if os.path.exists(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        return _readable(bin_path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     raise CheckpointError(
         f"{path} has no model.safetensors or pytorch_model.bin: pass a folder written by "
         "scripts/export.py (or an MDLM Hugging Face folder)"
     )
 
 
+def _readable(file: str, read):
+    """read(file), or one line naming the file when it is truncated or not what it says."""
+    try:
+        return read(file)
+    except Exception as err:  # SafetensorError, UnpicklingError, JSONDecodeError, ...
+        raise CheckpointError(
+            f"{file} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); it may "
+            "be truncated by an interrupted copy: copy or export the folder again"
+        ) from err
+
+
 def _read_json(file: str, folder: str) -> dict:
     if not os.path.exists(file):
         raise CheckpointError(f"{folder} has no config.json: it is not a model folder")
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+
+    def read(path: str) -> dict:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    return _readable(file, read)
 
 
 # ---------------------------------------------------------------- warm start
@@ -248,7 +263,7 @@ def trunk_parameters(backbone: nn.Module) -> list[nn.Parameter]:
 # ---------------------------------------------------------------- export / import
 def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
     """Write a vadd checkpoint as config.json + model.safetensors + tokenizer + README.md."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     ckpt = read_checkpoint(ckpt_path)
     vadd = ckpt.get("vadd")
@@ -260,7 +275,8 @@ def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
         state, weights = ema_tensors(state, ckpt["ema"], ckpt_path), "EMA"
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    blob = save(tensors, metadata={"format": "pt"})  # each file is whole or absent
+    utils.atomic_write(os.path.join(out, "model.safetensors"), lambda f: f.write(blob))
     tokenizer = _write_tokenizer(out, vadd.get("tokenizer"))
     config = {
         "format": "vadd",
@@ -281,17 +297,18 @@ def _write_tokenizer(out: str, state: dict | None) -> dict | None:
     """tokenizer.json (the tokenizers library's file) + tokenizer_config.json (its specials)."""
     if state is None:
         return None
-    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(state["json"])
+    _write_text(os.path.join(out, "tokenizer.json"), state["json"])
     hf = {"tokenizer_class": "PreTrainedTokenizerFast", "name_or_path": state["name"]}
     _write_json(os.path.join(out, "tokenizer_config.json"), {**hf, **state["specials"]})
     return {k: state[k] for k in ("name", "specials", "fingerprint")}
 
 
+def _write_text(path: str, text: str) -> None:
+    utils.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def _write_json(path: str, value: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
+    _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _write_model_card(out: str, config: dict, num_params: int) -> None:
@@ -320,8 +337,7 @@ def _write_model_card(out: str, config: dict, num_params: int) -> None:
         "Files: `config.json` (resolved vadd config, vocabulary, tokenizer identity), "
         "`model.safetensors` (`backbone.*` decoder, `encoder.*` encoder), `tokenizer.json`.",
     ]
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_text(os.path.join(out, "README.md"), "\n".join(lines) + "\n")
 
 
 def read_export(path: str) -> dict:
@@ -356,9 +372,15 @@ def _read_tokenizer_state(path: str, info: dict | None) -> dict | None:
         return None
     from tokenization import tokenizer_fingerprint, tokenizer_from_state
 
-    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-        state = {**info, "json": f.read()}
-    if tokenizer_fingerprint(tokenizer_from_state(state)) != info["fingerprint"]:
+    file = os.path.join(path, "tokenizer.json")
+
+    def read(file: str) -> dict:
+        with open(file, encoding="utf-8") as f:
+            state = {**info, "json": f.read()}
+        return state, tokenizer_fingerprint(tokenizer_from_state(state))
+
+    state, fingerprint = _readable(file, read)
+    if fingerprint != info["fingerprint"]:
         raise CheckpointError(
             f"{path}/tokenizer.json does not match the fingerprint in config.json: the "
             "tokenizer was changed after export; export the checkpoint again"

@@ -1,6 +1,7 @@
 """What each mode does, step by step: build the trainer, derive batch sizes, run the job."""
 
 import os
+import uuid
 from contextlib import nullcontext
 
 import fsspec
@@ -78,16 +79,43 @@ def _logger(cfg: DictConfig):
         from lightning.pytorch.loggers import WandbLogger
 
         w = cfg.wandb
+        run_id = wandb_run_id(cfg.checkpointing.save_dir, _resuming(cfg), w.get("id"))
         return WandbLogger(
             project=w.project, name=w.name, mode=w.mode, tags=list(w.tags),
-            save_dir=cfg.checkpointing.save_dir,
+            save_dir=cfg.checkpointing.save_dir, id=run_id, resume="allow",
         )  # fmt: skip
     from callbacks import HistoryCSVLogger
 
     ck = cfg.checkpointing
-    resuming = bool(ck.resume_from_ckpt and ck.resume_ckpt_path)
-    resuming = resuming and fsspec.url_to_fs(ck.resume_ckpt_path)[0].exists(ck.resume_ckpt_path)
-    return HistoryCSVLogger(ck.save_dir, name="logs", version="", keep_history=resuming)
+    return HistoryCSVLogger(ck.save_dir, name="logs", version="", keep_history=_resuming(cfg))
+
+
+def _resuming(cfg: DictConfig) -> bool:
+    ck = cfg.checkpointing
+    if not (ck.resume_from_ckpt and ck.resume_ckpt_path):
+        return False
+    return fsspec.url_to_fs(ck.resume_ckpt_path)[0].exists(ck.resume_ckpt_path)
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(save_dir: str, resuming: bool, explicit: str | None = None) -> str:
+    """The wandb run id of this run folder: a resume continues the run that wrote the
+    checkpoint (its curves go on, not a new run per restart); a fresh run gets a new id.
+    `wandb.id` set by the user wins. Kept in <save_dir>/wandb_run_id."""
+    path = f"{str(save_dir).rstrip('/')}/{WANDB_ID_FILE}"
+    fs, root = fsspec.url_to_fs(path)
+    if explicit:
+        run_id = str(explicit)
+    elif resuming and fs.exists(root):
+        return fs.cat_file(root).decode().strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]
+    # DDP re-launches this script per rank; only rank 0 logs, and only it records the id
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        utils.atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
 
 
 def derive_batch_sizes(cfg: DictConfig, world: int) -> None:

@@ -24,7 +24,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from data_cache import PIPELINE_VERSION, cache_path, digest, exists, write_atomically
+from data_cache import (
+    PIPELINE_VERSION,
+    cache_path,
+    digest,
+    exists,
+    first_line,
+    remove_tree,
+    write_atomically,
+)
 from data_sources import DataUnavailableError, Source, get_source, remote_access
 
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -182,11 +190,18 @@ def _bpe_tokenizer(data_cfg: DictConfig, vocab_size: int) -> PreTrainedTokenizer
     detokenizer = detokenizer_for(data_cfg, source)
     key = digest([PIPELINE_VERSION, name, source.fingerprint(data_cfg), bool(detokenizer)])
     path = cache_path(data_cfg, "tokenizers", f"{name}-bpe{vocab_size}-{key}.json")
+    if exists(path):
+        try:
+            with fsspec.open(path, "r", encoding="utf-8") as f:
+                tokenizer = Tokenizer.from_str(f.read())
+        except Exception as err:  # truncated or edited JSON
+            print(f"[vadd] the cached tokenizer {path} is damaged ({first_line(err)}): retraining")
+            remove_tree(path)
     if not exists(path):
         texts = _texts(source.load(data_cfg, "train"), detokenizer)  # never the held-out text
-        write_atomically(path, _train_bpe(texts, vocab_size).to_str())
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        tokenizer = Tokenizer.from_str(f.read())
+        text = _train_bpe(texts, vocab_size).to_str()
+        write_atomically(path, text)
+        tokenizer = Tokenizer.from_str(text)  # the very object a later run reads back
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, name_or_path=f"{name}-bpe{vocab_size}", **SPECIALS
     )

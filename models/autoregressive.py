@@ -56,10 +56,16 @@ class AR(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, ids: torch.Tensor, out_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, out_mask: torch.Tensor | None = None, fp32_logits: bool = False
+    ) -> torch.Tensor:
         x = self.vocab_embed(ids)
         rotary = self.rotary(ids.shape[1], x.device)
         for block in self.blocks:
             x = block(x, rotary)
         x = self.norm_final(x)
-        return self.linear(x if out_mask is None else x[out_mask])
+        x = x if out_mask is None else x[out_mask]
+        if fp32_logits:  # the sampler's draw: no bf16 rounding of the logits
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.linear(x.float())
+        return self.linear(x)

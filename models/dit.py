@@ -191,7 +191,7 @@ class DIT(nn.Module):
         """c = SiLU(time embedding), shape (B, 1, cond)."""
         return F.silu(self.sigma_map(sigma))[:, None, :]
 
-    def run(self, ids, c, key_mask=None, out_mask=None):
+    def run(self, ids, c, key_mask=None, out_mask=None, fp32_logits=False):
         x = self.vocab_embed(ids)
         rotary = self.rotary(ids.shape[1], x.device)
         for block in self.blocks:
@@ -199,10 +199,13 @@ class DIT(nn.Module):
         if out_mask is not None:  # project only the requested positions
             c = c.expand(-1, ids.shape[1], -1)[out_mask]
             x = x[out_mask]
+        if fp32_logits:  # samplers: bf16 logits would round each probability by up to 0.4%
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.output_layer(x.float(), c.float())
         return self.output_layer(x, c)
 
-    def forward(self, xt, sigma, key_mask=None, out_mask=None):
-        return self.run(xt, self.condition(sigma), key_mask, out_mask)
+    def forward(self, xt, sigma, key_mask=None, out_mask=None, fp32_logits=False):
+        return self.run(xt, self.condition(sigma), key_mask, out_mask, fp32_logits)
 
 
 class LatentMLP(nn.Module):
@@ -234,12 +237,12 @@ class GenDIT(DIT):
             LatentMLP(cfg.latent_dim, cfg.cond_dim) if cfg.latentMLP else nn.Identity()
         )
 
-    def forward(self, xt, sigma, z=None, key_mask=None, out_mask=None):
+    def forward(self, xt, sigma, z=None, key_mask=None, out_mask=None, fp32_logits=False):
         c = self.condition(sigma)
         if z is not None:
             g = self.latent_map(z)  # (B, cond) or (B, L, cond)
             c = c + (g[:, None, :] if g.dim() == 2 else g)
-        return self.run(xt, c, key_mask, out_mask)
+        return self.run(xt, c, key_mask, out_mask, fp32_logits)
 
 
 def init_head(head: nn.Linear, latent_dim: int, mu_std: float, log_sigma: float) -> None:

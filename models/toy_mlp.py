@@ -118,7 +118,9 @@ class ToyMLP(nn.Module):
             c = c + self.latent_map(z)
         return c
 
-    def forward(self, xt, sigma, z=None, key_mask=None, out_mask=None) -> torch.Tensor:
+    def forward(
+        self, xt, sigma, z=None, key_mask=None, out_mask=None, fp32_logits=False
+    ) -> torch.Tensor:
         """xt (B, L), sigma (B,) -> logits (B, L, V), or (N, V) rows where out_mask (B, L).
 
         key_mask is accepted for GenDIT compatibility and ignored: toy sequences never pad.
@@ -128,7 +130,12 @@ class ToyMLP(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
-        logits = self.head(modulate(self.norm_out(h), shift, scale))
+        h = modulate(self.norm_out(h), shift, scale)
+        if fp32_logits:  # the sampler's draw: no bf16 rounding of the logits
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                logits = self.head(h.float())
+        else:
+            logits = self.head(h)
         logits = logits.view(xt.shape[0], self.length, self.vocab_size)
         return logits if out_mask is None else logits[out_mask]
 

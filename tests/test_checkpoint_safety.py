@@ -337,3 +337,28 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_dead_runs_lock_ta
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"(pid {first.pid}) is gone" in third.stdout
     assert not (run_dir / ".vadd.lock").exists()  # released at the end
+
+
+# ---------------------------------------------------------------- wandb across resumes
+def test_a_resume_continues_the_same_wandb_run_and_a_fresh_run_starts_a_new_one(tmp_path):
+    from omegaconf import OmegaConf
+
+    import runner
+
+    def logger(resume: bool, run_id=None):
+        cfg = OmegaConf.create({
+            "logger": "wandb",
+            "wandb": {"project": "p", "name": None, "mode": "disabled", "tags": [], "id": run_id},
+            "checkpointing": {"save_dir": str(tmp_path), "resume_from_ckpt": resume,
+                              "resume_ckpt_path": str(tmp_path / "checkpoints" / "last.ckpt")},
+        })  # fmt: skip
+        return runner._logger(cfg)
+
+    first = logger(resume=True).version  # no checkpoint yet: a fresh run
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    assert logger(resume=True).version == first  # the resume logs into the same run
+    assert (tmp_path / runner.WANDB_ID_FILE).read_text() == first
+    fresh = logger(resume=False).version
+    assert fresh != first and logger(resume=True).version == fresh
+    assert logger(resume=True, run_id="mine").version == "mine"

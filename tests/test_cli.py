@@ -145,6 +145,10 @@ BAD_INPUTS = [
     (["sampling.eps=0.7"], "sampling.eps=0.7", "(0, 0.5)"),
     (["checkpointing.save_dir='~/runs/x'"], "checkpointing.save_dir=~/runs/x", "absolute path"),
     (["checkpointing.resume_ckpt_path=/typo.ckpt"], "/typo.ckpt does not exist", "fix the path"),
+    (["eval.disable_ema=no"], "eval.disable_ema='no' is not a boolean", "eval.disable_ema=False"),
+    (["sampling.fixz=yes"], "sampling.fixz='yes' is not a boolean", "sampling.fixz=True"),
+    (["model.length=2"], "model.length=2 is too short", "model.length >= 3"),
+    (["model.latent_dim=100000000"], "model.latent_dim=100000000 makes", "than this machine"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Tests of the data layer: tokenizers, shipped corpora, caching, offline failures."""
 
+import json
 import time
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def test_too_few_rows_for_a_batch(bible):
 
 def test_streaming_is_tokenised_lazily_and_not_cached(bible, tmp_path, monkeypatch):
     cfg, tok = bible
+    rows = len(get_dataset(cfg, tok, "valid", L))  # built (or read) before the patch
     bible_source = data_sources.SOURCES["bible"]
 
     def load_streamed(data_cfg, split):  # what a hub source returns with streaming=True
@@ -225,8 +227,32 @@ def test_streaming_is_tokenised_lazily_and_not_cached(bible, tmp_path, monkeypat
     batch = next(iter(train))
     assert batch["input_ids"].shape == (8, L) and batch["input_ids"].dtype == torch.long
     assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()
-    assert sum(len(b["input_ids"]) for b in valid) == len(get_dataset(bible[0], tok, "valid", L))
+    assert sum(len(b["input_ids"]) for b in valid) == rows
     assert not (tmp_path / "datasets").exists()
+
+
+@pytest.mark.parametrize("shards", [1, 4])  # one stream: every 2nd row; 4 files: whole ones
+def test_a_streamed_dataset_is_split_across_ranks(bible, tmp_path, monkeypatch, shards):
+    cfg, tok = bible
+    everything = [tuple(r["input_ids"].tolist()) for r in get_dataset(cfg, tok, "valid", L)]
+    bible_source = data_sources.SOURCES["bible"]
+
+    def load_streamed(data_cfg, split):
+        return bible_source.load(data_cfg, split).to_iterable_dataset(num_shards=shards)
+
+    streamed = data_sources.Source(load_streamed, bible_source.fingerprint)
+    monkeypatch.setitem(data_sources.SOURCES, "bible", streamed)
+    cfg = data_cfg("bible", tmp_path, streaming=True)
+    valid = get_dataloaders(run_cfg(cfg), tok, skip_train=True)[1]
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(dataloader.ResumableSampler, "_rank_world", lambda r=rank: (r, 2))
+        seen.append([tuple(row.tolist()) for b in valid for row in b["input_ids"]])
+    assert not set(seen[0]) & set(seen[1]) and min(map(len, seen)) > len(everything) // 4
+    if shards == 1:  # every 2nd row of the one stream: exactly the rows, each once
+        assert sorted(seen[0] + seen[1]) == sorted(everything)
+    else:  # whole files per rank: each packs its own documents into rows
+        assert abs(len(seen[0]) + len(seen[1]) - len(everything)) <= shards
 
 
 # ---------------------------------------------------------------- local text
@@ -238,8 +264,11 @@ def test_local_text_folder(tmp_path, gpt2):
     documents = data_sources.local_documents(cfg)
     assert len(documents) == 45  # 30 paragraphs + 15 JSON lines; the .csv is ignored
     assert documents[0].startswith("Paragraph 0") and documents[-1] == "JSON document number 14."
-    valid = data_sources.SOURCES["local_text"].load(cfg, "validation")["text"]
-    assert list(valid) == documents[::20]
+    valid = list(data_sources.SOURCES["local_text"].load(cfg, "validation")["text"])
+    train = list(data_sources.SOURCES["local_text"].load(cfg, "train")["text"])
+    assert sorted(train + valid) == sorted(documents) and not set(train) & set(valid)
+    # 2,000 characters in all, so valid_min_chars (20,000) caps the share at one half
+    assert abs(sum(map(len, valid)) / sum(map(len, documents)) - 0.5) < 0.05
     rows = get_dataset(cfg, gpt2, "train", 16)
     assert rows[0]["input_ids"].shape == (16,) and rows[0]["input_ids"][0] == 50256
 
@@ -253,13 +282,49 @@ def test_local_text_bpe_keyed_by_content(tmp_path):
     assert len(list((tmp_path / "cache" / "tokenizers").glob("local_text-bpe2048-*"))) == 2
 
 
-def test_local_text_single_file_cut_95_5(tmp_path, gpt2):
-    (tmp_path / "one.txt").write_text(" ".join(f"word{i}" for i in range(2000)))
+@pytest.mark.parametrize("min_chars", [0, 3000])
+def test_local_text_single_file_is_cut_at_the_held_out_share(tmp_path, gpt2, min_chars):
+    (tmp_path / "one.txt").write_text(" ".join(f"word{i}" for i in range(2000)))  # 16,889 chars
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "one.txt"))
+    cfg.valid_min_chars = min_chars
     train = data_sources.SOURCES["local_text"].load(cfg, "train")["text"][0]
     valid = data_sources.SOURCES["local_text"].load(cfg, "validation")["text"][0]
     assert train + valid == (tmp_path / "one.txt").read_text()
-    assert 0.04 < len(valid) / (len(train) + len(valid)) < 0.06
+    expected = max(0.05, min_chars / 16889)  # valid_fraction, raised to valid_min_chars
+    assert abs(len(valid) / (len(train) + len(valid)) - expected) < 0.01
+    assert valid.startswith(" word")  # cut at a space, not inside a word
+
+
+def test_held_out_documents_are_spread_evenly_and_take_the_share():
+    flags = data_sources.held_out([100] * 100, 0.05)
+    assert [i for i, f in enumerate(flags) if f] == [10, 30, 50, 70, 90]
+    lengths = [(i * 37) % 500 + 20 for i in range(400)]  # uneven documents
+    flags = data_sources.held_out(lengths, 0.1)
+    held = [n for n, f in zip(lengths, flags, strict=True) if f]
+    assert abs(sum(held) / sum(lengths) - 0.1) < 0.01
+    positions = [i for i, f in enumerate(flags) if f]
+    assert positions[0] < 40 and positions[-1] > 360  # from every part of the corpus
+    assert data_sources.held_out([5, 5], 0.01) in ([True, False], [False, True])  # >= 1 each
+    assert data_sources.held_out([5, 5], 0.5).count(False) >= 1
+
+
+@pytest.mark.parametrize(
+    "fraction,min_chars,total,share",
+    [(0.05, 0, 10_000, 0.05), (0.05, 1_000, 10_000, 0.1), (0.05, 10**6, 10_000, 0.5)],
+)
+def test_valid_share_is_the_fraction_raised_to_the_minimum_and_capped(
+    fraction, min_chars, total, share
+):
+    cfg = OmegaConf.create({"valid_fraction": fraction, "valid_min_chars": min_chars})
+    assert data_sources.valid_share(cfg, total) == pytest.approx(share)
+
+
+def test_changing_the_held_out_rule_changes_the_cache_key(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+    before = data_sources.SOURCES["local_text"].fingerprint(cfg)
+    cfg.valid_fraction = 0.1
+    assert data_sources.SOURCES["local_text"].fingerprint(cfg) != before
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_text_files", "blank", "unset"])
@@ -334,8 +399,9 @@ def test_unwrapped_rows_are_padded(tmp_path, gpt2):
     texts = ["Hello world"] * 19 + [" ".join(["long"] * 200)] * 21
     corpus.write_text("\n".join(f'{{"text": "{t}"}}' for t in texts))
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(corpus), wrap=False)
-    rows = get_dataset(cfg, gpt2, "validation", 16)  # documents 0 and 20
-    short, long = rows[0], rows[1]
+    rows = get_dataset(cfg, gpt2, "validation", 16)  # half the text: some of each kind
+    short = next(r for r in rows if r["attention_mask"][4] == 0)
+    long = next(r for r in rows if r["attention_mask"][4] == 1)
     assert short["input_ids"][:4].tolist() == [50256, 15496, 995, 50256]
     assert (short["input_ids"][4:] == gpt2.pad_token_id).all()
     assert short["attention_mask"].tolist() == [1] * 4 + [0] * 12
@@ -454,3 +520,62 @@ def test_lm1b_detokenizer():
 def test_lambada_and_scientific_papers_detokenizers():
     assert detokenizers.lambada("\u201cYes,\u201d she said. ") == '\n"Yes," she said.'
     assert detokenizers.scientific_papers("a @xmath0 b , c ( d )") == "a @xmath0 b, c (d)"
+
+
+# ---------------------------------------------------------------- damaged caches, odd files
+
+
+def test_a_damaged_tokenizer_or_rows_cache_is_rebuilt_with_a_message(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+    tok = get_tokenizer(cfg)
+    rows = [r.tolist() for r in get_dataset(cfg, tok, "train", 16)["input_ids"]]
+    (tokenizer_file,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    good = tokenizer_file.read_bytes()
+    tokenizer_file.write_bytes(good[: len(good) // 3])  # a copy cut short
+    (folder,) = [p for p in (tmp_path / "cache" / "datasets").iterdir() if "_train_" in p.name]
+    (arrow,) = folder.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    capsys.readouterr()
+    again = get_tokenizer(cfg)
+    assert "cached tokenizer" in capsys.readouterr().out and tokenizer_file.read_bytes() == good
+    assert [r.tolist() for r in get_dataset(cfg, again, "train", 16)["input_ids"]] == rows
+    assert "cached rows" in capsys.readouterr().out
+
+
+def test_rows_cache_with_fewer_rows_than_written_is_rebuilt(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
+    tok = get_tokenizer(cfg)
+    n = len(get_dataset(cfg, tok, "train", 16))
+    (folder,) = [p for p in (tmp_path / "cache" / "datasets").iterdir() if "_train_" in p.name]
+    (folder / dataloader.ROWS_FILE).write_text(json.dumps({"rows": n + 5}))  # rows went missing
+    assert len(get_dataset(cfg, tok, "train", 16)) == n
+    assert "cached rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"a", b"\n", b" "])
+def test_a_one_byte_file_is_one_line(tmp_path, gpt2, content):
+    (tmp_path / "tiny.txt").write_bytes(content)
+    cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "tiny.txt"))
+    with pytest.raises(DataUnavailableError) as err:
+        get_dataset(cfg, gpt2, "train", 16)
+    assert "\n" not in str(err.value)
+    assert "no text" in str(err.value) or "gives no row of model.length=16" in str(err.value)
+
+
+def test_a_huge_line_is_tokenised_in_pieces_with_the_same_ids(gpt2, monkeypatch):
+    words = " ".join(f"w{i % 97}x{i % 13}" for i in range(3000)) + "  double  spaces\tand tabs"
+    whole = gpt2(words, add_special_tokens=False)["input_ids"]
+    calls = []
+    encode = type(gpt2).__call__
+
+    def spy(self, text, **kwargs):
+        calls.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+        return encode(self, text, **kwargs)
+
+    monkeypatch.setattr(dataloader, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(type(gpt2), "__call__", spy)
+    flat, lengths = dataloader._encode(gpt2, ["short one", words])
+    assert flat[lengths[0] :].tolist() == whole  # the same ids as one call
+    assert len(calls) > 10 and max(calls) <= 1000  # never more than a piece at once

@@ -154,6 +154,25 @@ def test_ppl_eval_iwae_reports_bound_and_particles(tmp_path):
     assert math.isclose(saved["ppl"], results["ppl"])
 
 
+def test_ppl_eval_of_a_local_corpus_records_its_held_out_share(tmp_path):
+    from data_sources import bible_chapters
+
+    corpus = tmp_path / "corpus.txt"  # 120 chapters as paragraphs: ~430,000 characters
+    corpus.write_text("\n\n".join(bible_chapters()[:120]))
+    cfg = make_cfg(tmp_path, "data=local_text", f"data.path={corpus}",
+                   f"data.cache_dir={tmp_path / 'cache'}", "model.length=32",
+                   "trainer.limit_val_batches=1.0")  # fmt: skip
+    trainer, module, tokenizer = build(cfg)
+    _, valid = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
+    run_ppl_eval(cfg, module, trainer, valid, "untrained")
+    saved = json.loads((tmp_path / "ppl_eval.json").read_text())
+    split = saved["split"]
+    assert split["documents"] == 120 and 3 <= split["validation_documents"] <= 12
+    assert 0.045 < split["validation_share"] < 0.055  # data.valid_fraction=0.05
+    assert split["validation_characters"] > cfg.data.valid_min_chars
+    assert saved["sequences"] == saved["rows_in_split"] == len(valid.dataset)
+
+
 def _run(args, cwd=ROOT):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(

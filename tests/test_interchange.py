@@ -196,7 +196,7 @@ def test_refusal_is_one_error_line_from_the_command_line(tmp_path):
             ["training.freeze_decoder_steps=5", "training.loss_type=mdlm", "model.init_from=."],
             "needs training.loss_type=vae",
         ),
-        (["model.init_from_ema=maybe"], "must be True or False"),
+        (["model.init_from_ema=maybe"], "init_from_ema='maybe' is not a boolean"),
     ],
 )
 def test_bad_warm_start_settings_fail_at_start_up(tmp_path, overrides, message):
@@ -329,3 +329,35 @@ def test_exported_folder_is_refused_with_another_config_or_edited_tokenizer(tmp_
     with pytest.raises(CheckpointError, match="tokenizer was changed after export"):
         interchange.read_export(str(folder))
     assert _export(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(folder)]) == 2
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_truncated_export_file_is_one_line_naming_it(tmp_path, damaged):
+    train_dir = tmp_path / "train"
+    main.run(make_cfg(train_dir, "trainer.max_steps=1", "training.loss_type=mdlm"))
+    folder = tmp_path / "export"
+    assert _export(["--ckpt", str(train_dir / "checkpoints/last.ckpt"), "--out", str(folder)]) == 0
+    probe = tmp_path / "probe"
+    probe.write_text("x")  # the mode this process's umask gives a new file
+    for file in folder.iterdir():  # written through a temp file, yet readable like any file
+        assert file.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777, file
+    target = folder / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    cfg = make_cfg(tmp_path / "eval", "mode=ppl_eval", f"eval.checkpoint_path={folder}",
+                   "training.loss_type=mdlm")  # fmt: skip
+    with pytest.raises(CheckpointError, match=f"{damaged} cannot be read .*truncated") as err:
+        main.run(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_an_ar_checkpoint_evaluated_with_a_dit_config_names_the_keys_to_set(tmp_path):
+    ar = ["backbone=ar", "parameterization=ar", "training.loss_type=mdlm"]
+    main.run(make_cfg(tmp_path / "ar", "trainer.max_steps=1", *ar))
+    ckpt = tmp_path / "ar" / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(tmp_path / "eval", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}")
+    with pytest.raises(CheckpointError) as err:
+        main.run(cfg)
+    message = str(err.value)
+    assert "trained with backbone=ar, parameterization=ar, training.loss_type=mdlm" in message
+    assert message.endswith("set backbone=ar parameterization=ar training.loss_type=mdlm")
+    assert not (tmp_path / "eval" / "ppl_eval.json").exists()

@@ -93,6 +93,33 @@ def test_out_mask_rows_match_full_forward(model_cfg, randomize, vocab):
     torch.testing.assert_close(part, full[m], rtol=1e-5, atol=1e-5)  # row-major order
 
 
+def test_samplers_get_float32_logits_under_bf16_autocast(model_cfg, randomize, vocab):
+    """The revealed rows' logits: float32 for the draw, while training keeps bf16."""
+    import generation
+
+    torch.manual_seed(4)
+    gen, ar = GenDIT(model_cfg(), vocab + 1).eval(), AR(ar_cfg(), vocab + 1).eval()
+    randomize(gen)
+    randomize(ar)
+    x, z, m = tokens(vocab), torch.randn(B, 4), torch.rand(B, L) < 0.5
+    with torch.no_grad():
+        exact = gen(x, zeros(), z=z, out_mask=m)  # float32 weights, no autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = gen(x, zeros(), z=z, out_mask=m)
+            high = gen(x, zeros(), z=z, out_mask=m, fp32_logits=True)
+            assert ar(x, out_mask=m).dtype == torch.bfloat16
+            assert ar(x, out_mask=m, fp32_logits=True).dtype == torch.float32
+
+            class Module:  # what generation reads off a Diffusion module
+                backbone = gen
+
+            drawn = generation._denoiser(Module)(x, zeros(), z, m)
+    assert low.dtype == torch.bfloat16 and high.dtype == drawn.dtype == torch.float32
+    # the trunk still ran in bf16; only the head's rounding of its output is gone
+    assert (high - exact).abs().max() <= (low.float() - exact).abs().max()
+    torch.testing.assert_close(drawn, high)
+
+
 # ------------------------------------------------------------------------ padding mask
 
 
