@@ -148,6 +148,7 @@ BAD_INPUTS = [
     (["eval.disable_ema=no"], "eval.disable_ema='no' is not a boolean", "eval.disable_ema=False"),
     (["sampling.fixz=yes"], "sampling.fixz='yes' is not a boolean", "sampling.fixz=True"),
     (["model.length=2"], "model.length=2 is too short", "model.length >= 3"),
+    (["checkpointing.keep_last=-2"], "checkpointing.keep_last=-2 is out of range", ">= -1"),
     (["model.latent_dim=100000000"], "model.latent_dim=100000000 makes", "than this machine"),
 ]
 
