@@ -7,6 +7,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 import utils
+from algorithms import algorithm_class
 from errors import VaddError
 
 
@@ -143,7 +144,7 @@ def _check_same_process(cfg, saved: dict | None, path: str) -> None:
     }
     before = {"time_conditioning": saved.get("time_conditioning")}
     before.update({f"noise.{k}": v for k, v in saved.get("noise", {}).items()})
-    if cfg.training.loss_type == "vae" and "decoder" in saved:  # how r is read off the encoder
+    if algorithm_class(cfg).uses_latent and "decoder" in saved:  # how r is read off r's head
         current["decoder.fade_to_prior"] = bool(cfg.decoder.get("fade_to_prior", False))
         before["decoder.fade_to_prior"] = bool(saved["decoder"].get("fade_to_prior", False))
     for key, value in current.items():

@@ -9,19 +9,15 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from errors import VaddError
-
-
-class ConfigError(VaddError, ValueError):
-    """A bad configuration value; the message is meant to be shown to the user as is."""
-
+import algorithms
+import predictors
+from errors import ConfigError, VaddError  # noqa: F401  (ConfigError: re-exported)
 
 CHOICES = {
     "mode": ["train", "ppl_eval", "sample_eval"],
     "diffusion": ["absorbing_state"],
     "backbone": ["dit", "ar"],
     "parameterization": ["subs", "ar"],
-    "training.loss_type": ["mdlm", "vae"],
     "training.loss_strategy": ["klweight", "cyclical", "none"],
     "training.kl_weighting": ["time", "steps", "once"],
     "model.latent_struc": ["adaln"],
@@ -31,7 +27,6 @@ CHOICES = {
     "noise.type": ["loglinear", "linear", "cosine", "geometric"],
     "lr_scheduler.name": ["constant_warmup", "cosine_decay_warmup"],
     "strategy.name": ["auto", "ddp", "fsdp"],
-    "sampling.predictor": ["auto", "vae", "vae_cache", "ddpm", "ddpm_cache", "any_order", "ar"],
     "sampling.order": ["left_to_right", "random"],
     "sampling.frame": ["auto", "none"],
     "logger": ["csv", "wandb", "none"],
@@ -100,9 +95,17 @@ RANGES = {
 }
 
 
+def registry_choices() -> dict[str, list[str]]:
+    """The choices the registries define: algorithms by training.loss_type, samplers."""
+    return {
+        "training.loss_type": algorithms.names("training.loss_type"),
+        "sampling.predictor": ["auto", *predictors.PREDICTORS],
+    }
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value found."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, **registry_choices()}.items():
         _check_choice(cfg, key, allowed)
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
@@ -111,7 +114,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_sizes_and_paths,
         _check_data,
         _check_backbone,
-        _check_vae,
+        _check_algorithm,
         _check_model_shape,
         _check_sampling_keys,
         _check_sampling,
@@ -180,11 +183,6 @@ def _check_data(cfg):
     if kind == "set":
         _check_range(cfg, "data.num_sequences", 1, None, True)
         _check_range(cfg, "data.repeats", 1, None, True)
-        if cfg.backbone == "ar":
-            raise ConfigError(
-                f"data={cfg.data.name} rows have no BOS for backbone=ar to start from: use "
-                "backbone=dit parameterization=subs"
-            )
         return
     _check_local_folder(cfg)
     _check_grid_data(cfg, kind)
@@ -204,11 +202,6 @@ def _check_grid_data(cfg, kind):
         )
     key, lo, hi = ("levels", 2, 256) if kind == "image" else ("bins", 1, None)
     _check_range(cfg, f"data.{key}", lo, hi, True)
-    if cfg.backbone == "ar":
-        raise ConfigError(
-            f"backbone=ar needs text data (rows open with BOS), not data={name}: "
-            "use backbone=dit parameterization=subs"
-        )
     for key in ("prefix", "suffix", "template"):
         if cfg.sampling.get(key):
             raise ConfigError(
@@ -251,7 +244,7 @@ def _check_toy_mlp(cfg, kind):
             "model=toy_mlp draws one z per sequence: set model.latent1d=True "
             "(per-position latents need a DiT model group)"
         )
-    if cfg.training.loss_type == "vae" and not cfg.decoder.get("emb_dim"):
+    if algorithms.algorithm_class(cfg).uses_latent and not cfg.decoder.get("emb_dim"):
         raise ConfigError(
             f"model=toy_mlp needs its MLP encoder sizes (decoder.emb_dim), but "
             f"decoder={cfg.decoder.name} is a DiT group: use decoder=toy_mlp"
@@ -271,61 +264,15 @@ def _check_backbone(cfg):
         )
 
 
-def _check_vae(cfg):
-    if cfg.training.loss_type != "vae" or cfg.backbone == "ar":
-        return
-    m = cfg.model
-    if not isinstance(m.latent_dim, int) or m.latent_dim <= 0:
-        raise ConfigError(
-            f"model.latent_dim={m.latent_dim!r} must be a positive integer for "
-            "training.loss_type=vae (the paper uses model.latent_dim=512)"
-        )
-    if not m.latentMLP and m.latent_dim != m.cond_dim:
-        raise ConfigError(
-            f"model.latentMLP=False adds z to the conditioning directly, so model.latent_dim "
-            f"({m.latent_dim}) must equal model.cond_dim ({m.cond_dim}): set model.latentMLP=True "
-            f"or model.latent_dim={m.cond_dim}"
-        )
-    for key in ("hidden_size", "n_heads", "n_blocks", "cond_dim"):
-        if not isinstance(cfg.decoder.get(key), int) or cfg.decoder.get(key) < 1:
-            raise ConfigError(f"decoder.{key}={cfg.decoder.get(key)!r} must be a positive integer")
-    _check_heads("decoder", cfg.decoder)
-    group = cfg.training.free_bits_group
-    if cfg.training.free_bits > 0 and group > 0 and m.latent_dim % group:
-        raise ConfigError(
-            f"training.free_bits_group={group} must divide model.latent_dim={m.latent_dim}: "
-            "use a divisor, or 0 for one floor over all of z"
-        )
-    if cfg.training.kl_weighting == "once":
-        _check_kl_once(cfg)
-    if cfg.training.loss_strategy == "cyclical" and cfg.training.kl_cycle_ramp <= 0:
-        raise ConfigError(
-            "training.kl_cycle_ramp=0 leaves no steps for beta to rise in a cycle: use a "
-            "fraction in (0, 1], e.g. 0.5"
-        )
-
-
-def _check_kl_once(cfg):
-    """kl_weighting=once bounds -log p only for an r(z | x0) that sees neither xt nor t."""
-    struc = cfg.decoder.get("mask_struc")
-    rules = [
-        (struc != "none", f"decoder.mask_struc={struc}", "decoder.mask_struc=none (r reads x0)"),
-        (bool(cfg.decoder.get("fade_to_prior")), "decoder.fade_to_prior=True",
-         "decoder.fade_to_prior=False (r may not depend on t)"),
-        (bool(cfg.time_conditioning), "time_conditioning=True", "time_conditioning=False"),
-        (cfg.training.num_particles != 1 or cfg.eval.num_particles != 1, "num_particles > 1",
-         "training.num_particles=1 eval.num_particles=1 (one z per sequence)"),
-    ]  # fmt: skip
-    for bad, what, fix in rules:
-        if bad:
-            raise ConfigError(
-                f"training.kl_weighting=once (the KL paid once for one z) does not hold with "
-                f"{what}: set {fix}, or use training.kl_weighting=time"
-            )
+def _check_algorithm(cfg):
+    """The selected algorithm's own rules (algorithms.py)."""
+    algorithms.algorithm_class(cfg).validate(cfg)
 
 
 def _check_model_shape(cfg):
     _check_heads("model", cfg.model)
+    if algorithms.algorithm_class(cfg).uses_latent:
+        _check_heads("decoder", cfg.decoder)
     _check_memory(cfg)
 
 
@@ -337,7 +284,7 @@ def _parameter_estimate(cfg) -> dict[str, float]:
         "model.hidden_size": m.n_blocks * (12 * m.hidden_size**2 + 6 * m.cond_dim * m.hidden_size)
         + 2 * vocab * m.hidden_size,
     }
-    if cfg.training.loss_type == "vae" and cfg.backbone != "ar" and m.latent_dim:
+    if algorithms.algorithm_class(cfg).uses_latent and m.latent_dim:
         d, dec = int(m.latent_dim), cfg.decoder
         latent_mlp = 2 * d * d + d * m.cond_dim if m.latentMLP else 0
         terms["model.latent_dim"] = latent_mlp + 2 * d * dec.hidden_size
@@ -477,17 +424,12 @@ def _check_eval(cfg):
 def _check_warm_start(cfg):
     """model.init_from / init_from_ema and training.freeze_decoder_steps (README "Warm start")."""
     path, freeze = _get(cfg, "model.init_from"), _get(cfg, "training.freeze_decoder_steps")
-    if path and cfg.backbone == "ar":
-        raise ConfigError(
-            f"model.init_from={path} loads a DiT (MDLM / vadd) checkpoint, but backbone=ar: "
-            "warm-start backbone=dit models only"
-        )
     if path and cfg.mode == "train" and "://" not in str(path) and not os.path.exists(path):
         raise ConfigError(
             f"model.init_from={path} does not exist: pass an MDLM or vadd .ckpt, or a folder "
             "with config.json and model.safetensors"
         )
-    if freeze and cfg.training.loss_type != "vae":
+    if freeze and not algorithms.algorithm_class(cfg).uses_latent:
         raise ConfigError(
             f"training.freeze_decoder_steps={freeze} trains only GenDIT's latent path and the "
             f"encoder, which needs training.loss_type=vae (got {cfg.training.loss_type}): "
@@ -587,12 +529,8 @@ def _check_resume(cfg):
 
 
 def resolve_predictor(cfg: DictConfig) -> str:
-    """`auto` -> vae for VADD, ddpm_cache for MDLM, ar for the AR baseline."""
-    if cfg.sampling.predictor != "auto":
-        return cfg.sampling.predictor
-    if cfg.backbone == "ar":
-        return "ar"
-    return "vae" if cfg.training.loss_type == "vae" else "ddpm_cache"
+    """`auto` -> the algorithm's default sampler (vae for VADD, ddpm_cache for MDLM, ar)."""
+    return predictors.resolve(cfg).name
 
 
 def _check_sampling_keys(cfg):
@@ -619,28 +557,24 @@ def _check_sampling_keys(cfg):
 
 
 def _check_sampling(cfg):
+    """The sampler fits the model: its family, its latent, fixz (predictors.py)."""
     if cfg.mode != "sample_eval":
         return
-    s = OmegaConf.create({"predictor": resolve_predictor(cfg), "fixz": cfg.sampling.fixz})
-    if s.predictor.startswith("vae") and cfg.training.loss_type != "vae":
+    pred, algo = predictors.resolve(cfg), algorithms.algorithm_class(cfg)
+    if pred.needs_latent and not algo.uses_latent:
         raise ConfigError(
-            f"sampling.predictor={s.predictor} samples z, which needs training.loss_type=vae: "
-            "for an MDLM model use sampling.predictor=ddpm_cache"
+            f"sampling.predictor={pred.name} samples z, which needs training.loss_type=vae: "
+            f"for an {algo.name.upper()} model use sampling.predictor={algo.default_predictor}"
         )
-    if s.predictor == "any_order" and cfg.backbone != "dit":
+    if pred.family != algo.family:
         raise ConfigError(
-            f"sampling.predictor=any_order needs a masked-diffusion model (backbone=dit, got "
-            f"backbone={cfg.backbone}): use sampling.predictor=ar"
+            f"sampling.predictor={pred.name} is for {pred.family} models, and "
+            f"{algo.selected_by}={algo.name} is not one: set "
+            f"sampling.predictor={algo.default_predictor}"
         )
-    if s.predictor == "ar" and cfg.backbone != "ar":
-        raise ConfigError("sampling.predictor=ar needs backbone=ar: use ddpm_cache or vae_cache")
-    if cfg.backbone == "ar" and s.predictor != "ar" and cfg.mode == "sample_eval":
+    fixz = cfg.sampling.fixz
+    if fixz is not None and not (pred.fixz and algo.uses_latent):
         raise ConfigError(
-            f"backbone=ar samples left to right: set sampling.predictor=ar (got {s.predictor})"
-        )
-    samples_z = s.predictor == "any_order" and cfg.training.loss_type == "vae"
-    if s.fixz is not None and not (s.predictor.startswith("vae") or samples_z):
-        raise ConfigError(
-            f"sampling.fixz={s.fixz} only applies to the vae samplers (got "
-            f"sampling.predictor={s.predictor}): drop sampling.fixz or use sampling.predictor=vae"
+            f"sampling.fixz={fixz} only applies to the vae samplers (got "
+            f"sampling.predictor={pred.name}): drop sampling.fixz or use sampling.predictor=vae"
         )

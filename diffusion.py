@@ -7,7 +7,6 @@ What does not: the maths (losses.py, objectives.py), sampling (samplers.py,
 generation.py), data (dataloader.py).
 """
 
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import losses
 import objectives
 import sharding
 import utils
+from algorithms import get_algorithm
 from errors import VaddError
 from models import build_networks
 from models.ema import ExponentialMovingAverage
@@ -63,7 +63,7 @@ class Diffusion(L.LightningModule):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         self.tokenizer_state = tokenizer_state  # saved in checkpoints for evaluation
-        self.loss_type = "ar" if cfg.backbone == "ar" else cfg.training.loss_type
+        self.algorithm = get_algorithm(cfg)  # the loss, bound and hooks (algorithms.py)
         self.backbone, self.encoder = build_networks(cfg, vocab.model_size)
         self.spec = objectives.DiffusionSpec(
             noise=get_noise(cfg.noise),
@@ -148,7 +148,7 @@ class Diffusion(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         mask_u = torch.rand((rows, length), generator=gen, device=self.device)[first : first + n]
         z_eps = None
-        if self.loss_type == "vae" and self.cfg.model.latent1d:  # per-position z: local draws
+        if self.algorithm.uses_latent and self.cfg.model.latent1d:  # per-position z: local
             shape = (rows, self.cfg.training.num_particles, self.cfg.model.latent_dim)
             z_eps = torch.randn(shape, generator=gen, device=self.device)[first : first + n]
         return objectives.Draws(mask_u, z_eps)
@@ -158,16 +158,7 @@ class Diffusion(L.LightningModule):
     ) -> objectives.LossOutput:
         """The loss of a batch. train=True adds the training-only terms (free bits);
         evaluation calls it with beta = 1 and train=False: the plain bound."""
-        x0, key_mask = batch["input_ids"], _key_mask(batch)
-        if self.loss_type == "ar":
-            return objectives.ar_loss(self.backbone, x0, key_mask, self.spec)
-        if self.loss_type == "vae":
-            return objectives.vae_loss(
-                self.backbone, self.encoder, x0, key_mask, t, self.spec,
-                beta=beta, num_particles=num_particles, draws=draws,
-                free_bits=self.free_bits if train else None,
-            )  # fmt: skip
-        return objectives.mdlm_loss(self.backbone, x0, key_mask, t, self.spec, draws)
+        return self.algorithm.loss(self, batch, t, beta, num_particles, draws, train)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -261,7 +252,7 @@ class Diffusion(L.LightningModule):
         for name, value in out.stats.items():
             per_tok = name == "recon"
             log[f"train/{name}"] = value.sum() / ntok if per_tok else value.mean()
-        if self.loss_type == "vae":
+        if self.algorithm.uses_latent:  # beta anneals the KL term
             log["train/beta"] = beta
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=len(out.per_seq))
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
@@ -315,12 +306,8 @@ class Diffusion(L.LightningModule):
             if out.latent is not None:
                 lat = out.latent
                 self._latent_stats.add(lat.mu, lat.log_sigma, lat.t, lat.position_mask)
-            if self.loss_type == "vae":
-                shape = _latent_shape(self.cfg, batch["input_ids"].shape[1])
-                prior = objectives.vae_prior_nelbo(
-                    self.backbone, batch["input_ids"], _key_mask(batch), t, self.spec, shape
-                )
-                self._accumulate(f"prior_nelbo_{draw}", prior.per_seq.sum())
+            for name, value in self.algorithm.validation_extras(self, batch, t).items():
+                self._accumulate(f"{name}_{draw}", value)
         self._accumulate("tokens", out.num_tokens)
         self._accumulate("sequences", torch.tensor(n, device=self.device))
 
@@ -333,7 +320,7 @@ class Diffusion(L.LightningModule):
             k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()
         }
         self.results = utils.summarise_eval(sums, self.eval_draws)
-        if self.loss_type == "vae":
+        if self.algorithm.uses_latent:
             rows = float(sums["sequences"]) * self.eval_draws
             summary = latent_diagnostics.reduce_and_summarise(
                 self._latent_stats, self.trainer.strategy, rows, self.cfg.seed
@@ -410,20 +397,3 @@ class Diffusion(L.LightningModule):
             consumed = self._rows_seen - self._micro * self.train_sampler.batch_size
             state["data"] = self.train_sampler.state_dict(consumed=consumed)
         return state
-
-
-def _key_mask(batch) -> torch.Tensor | None:
-    """Padding mask (B, L) bool, or None when every token is real (fast attention path)."""
-    mask = batch.get("attention_mask")
-    if mask is None or bool(mask.all()):
-        return None
-    return mask.bool()
-
-
-def _latent_shape(cfg: DictConfig, length: int) -> tuple[int, ...]:
-    d = cfg.model.latent_dim
-    return (d,) if cfg.model.latent1d else (length, d)
-
-
-def perplexity(nll_per_token: float) -> float:
-    return math.exp(min(nll_per_token, 700.0))

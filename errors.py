@@ -3,3 +3,7 @@
 
 class VaddError(Exception):
     """Bad input (config value, data, checkpoint) with a message that names the fix."""
+
+
+class ConfigError(VaddError, ValueError):
+    """A bad configuration value; the message is meant to be shown to the user as is."""

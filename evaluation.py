@@ -13,22 +13,17 @@ from omegaconf import DictConfig, OmegaConf
 import gen_ppl
 import grid_data
 import latent_diagnostics
+import predictors
 import text_set
 import utils
-from config_check import resolve_predictor
+from algorithms import get_algorithm
 from diffusion import Diffusion
 from generation import conditioning_from_config, generate
 
 
 def bound_name(cfg: DictConfig, num_particles: int) -> str:
-    """Human-readable name of the quantity ppl_eval reports."""
-    if cfg.backbone == "ar":
-        return "exact autoregressive NLL"
-    time_desc = "continuous time" if cfg.T == 0 else f"T={cfg.T} steps"
-    if cfg.training.loss_type == "mdlm":
-        return f"MDLM NELBO ({time_desc})"
-    kind = "DELBO" if num_particles == 1 else f"IWAE-DELBO (K={num_particles})"
-    return f"negative {kind}, kl_weighting={cfg.training.kl_weighting}, {time_desc}, beta=1"
+    """Human-readable name of the quantity ppl_eval reports (the algorithm's own)."""
+    return get_algorithm(cfg).bound_name(num_particles)
 
 
 def run_ppl_eval(
@@ -137,21 +132,21 @@ def score_samples(cfg: DictConfig, tokens: torch.Tensor, tokenizer, device) -> d
 
 
 def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditional: bool) -> str:
-    any_order = predictor == "any_order"  # one position per call: sampling.steps is ignored
-    tag = f"any_order_{cfg.sampling.order}" if any_order else f"{predictor}_T{cfg.sampling.steps}"
+    stepped = predictors.get_predictor(predictor).uses_steps  # any_order: one position a call
+    tag = f"{predictor}_T{cfg.sampling.steps}" if stepped else f"{predictor}_{cfg.sampling.order}"
     return tag + (f"_fixz{fixz}" if fixz is not None else "") + ("_cond" if conditional else "")
 
 
 def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: str) -> dict:
-    sp, predictor = cfg.sampling, resolve_predictor(cfg)
+    sp, pred = cfg.sampling, predictors.resolve(cfg)
+    predictor = pred.name
     fixz = True if sp.fixz is None else bool(sp.fixz)
-    uses_z = predictor.startswith("vae") or (predictor == "any_order" and module.loss_type == "vae")
+    uses_z = pred.fixz and module.algorithm.uses_latent  # fixz is a property of the samples
     x_cond, conditioning = conditioning_from_config(cfg, tokenizer, module.vocab.mask_id)
     start = time.time()
     tokens, nfe = draw_samples(cfg, module, predictor, fixz, x_cond)
     seconds = round(time.time() - start, 2)
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
-    any_order = predictor == "any_order"
     conditional = bool(sp.prefix or sp.suffix or sp.template)  # not the set data's BOS frame
     tag = _sample_tag(cfg, predictor, fixz if uses_z else None, conditional)
     out = f"{cfg.eval.output_dir}/samples_{tag}"
@@ -165,8 +160,8 @@ def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: st
         "mode": "sample_eval",
         "checkpoint": ckpt_path,
         "predictor": predictor,
-        "steps": None if any_order else sp.steps,
-        "order": sp.order if any_order else None,
+        "steps": sp.steps if pred.uses_steps else None,
+        "order": None if pred.uses_steps else sp.order,
         "fixz": fixz if uses_z else None,
         "top_k": sp.top_k,
         "top_p": sp.top_p,

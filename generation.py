@@ -13,9 +13,10 @@ import re
 import torch
 from omegaconf import DictConfig
 
-import samplers
-from config_check import ConfigError
+import predictors
+from algorithms import algorithm_class
 from diffusion import Diffusion
+from errors import ConfigError
 
 # `[MASK]` = one free token, `[MASK:n]` = n free tokens.
 MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
@@ -25,17 +26,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def latent_fn(module: Diffusion, generator: torch.Generator, length: int):
-    """z ~ N(0, I): (n, d) per sequence, or (n, L, d) when model.latent1d=False."""
-    m = module.cfg.model
-    shape = (m.latent_dim,) if m.latent1d else (length, m.latent_dim)
-
-    def draw(n: int) -> torch.Tensor:
-        return torch.randn((n, *shape), generator=generator, device=module.device)
-
-    return draw
 
 
 # ------------------------------------------------------------------- conditioning
@@ -106,8 +96,8 @@ def conditioning_from_text(
 def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
     """(BOS at 0, EOS at L-1) that every training row holds, for sampling.frame=auto; None
     when nothing is fixed (frame=none, grid / image data, the AR baseline)."""
-    if cfg.sampling.get("frame", "none") != "auto" or cfg.backbone == "ar":
-        return None
+    if cfg.sampling.get("frame", "none") != "auto" or algorithm_class(cfg).family == "ar":
+        return None  # the AR sampler opens every row with BOS itself
     kind = cfg.data.get("kind", "text")
     if kind == "set":  # text_set.py: BOS + the verse opening
         return True, False
@@ -159,9 +149,10 @@ def generate(
 ) -> tuple[torch.Tensor, dict]:
     """Draw `num_samples` sequences; x_init (B, L) may fix tokens (mask id = free).
 
-    predictor: vae | vae_cache | ddpm | ddpm_cache | any_order | ar. `any_order` reveals
-    one position per network call in `order` and ignores `steps`; with a VADD model it
-    samples z as the vae predictors do (fixz). top_k / top_p restrict revealed tokens.
+    predictor: a name in predictors.PREDICTORS (vae, vae_cache, ddpm, ddpm_cache,
+    any_order, ar). `any_order` reveals one position per network call in `order` and
+    ignores `steps`; with a VADD model it samples z as the vae predictors do (fixz).
+    top_k / top_p restrict revealed tokens.
     """
     if x_init is not None:
         x_init = x_init.to(module.device)
@@ -172,74 +163,15 @@ def generate(
     module.eval()
     ema = module.ema if (module.ema is not None and not module.cfg.eval.disable_ema) else None
     ctx = ema.swapped_in(module.trainable_parameters()) if ema else contextlib.nullcontext()
+    pred = predictors.get_predictor(predictor)
     try:
         with ctx, _autocast(device):
-            if predictor == "ar":
-                x = samplers.sample_autoregressive(
-                    _last_logits(module), num_samples, length,
-                    bos_id=vocab.bos_id, vocab_size=vocab.size, device=device, generator=generator,
-                    top_k=top_k, top_p=top_p, x_init=x_init, mask_id=vocab.mask_id,
-                )  # fmt: skip
-                return x, {"steps": length, "nfe_per_sequence": length - 1}
             if x_init is None:
                 x_init = torch.full((num_samples, length), vocab.mask_id, dtype=torch.long)
                 x_init = x_init.to(device)
-            sampling = dict(fixz=fixz, generator=generator, top_k=top_k, top_p=top_p)
-            if predictor == "any_order":
-                return _generate_any_order(module, x_init, order, **sampling)
-            return _generate_masked(module, x_init, predictor, steps, **sampling)
+            return pred.run(
+                module, x_init, steps=steps, fixz=bool(fixz) and pred.fixz,
+                generator=generator, top_k=top_k, top_p=top_p, order=order,
+            )  # fmt: skip
     finally:
         module.train(was_training)
-
-
-def _denoiser(module: Diffusion) -> samplers.DenoiseFn:
-    # The revealed rows' logits are computed in float32 (the draw is float64 after that).
-    def denoise(xt, sigma, z, out_mask):
-        if z is None:
-            return module.backbone(xt, sigma, out_mask=out_mask, fp32_logits=True)
-        return module.backbone(xt, sigma, z=z, out_mask=out_mask, fp32_logits=True)
-
-    return denoise
-
-
-def _last_logits(module: Diffusion):
-    """prefix (B, i) -> (B, 1, V) float32 logits of the next token: only the last
-    position is projected (the AR sampler reads nothing else)."""
-
-    def logits(prefix: torch.Tensor) -> torch.Tensor:
-        last = torch.zeros_like(prefix, dtype=torch.bool)
-        last[:, -1] = True
-        return module.backbone(prefix, out_mask=last, fp32_logits=True)[:, None, :]
-
-    return logits
-
-
-def _latent(module: Diffusion, generator, length: int):
-    # A VADD decoder always gets a z, also under the ddpm predictors (a fresh one per step).
-    return latent_fn(module, generator, length) if module.loss_type == "vae" else None
-
-
-def _generate_masked(module, x_init, predictor, steps, *, fixz, generator, top_k, top_p):
-    vocab = module.vocab
-    x, stats = samplers.sample_masked(
-        _denoiser(module), x_init,
-        mask_id=vocab.mask_id, vocab_size=vocab.size, noise=module.spec.noise, steps=steps,
-        eps=module.cfg.sampling.eps, latent=_latent(module, generator, x_init.shape[1]),
-        fixz=bool(fixz) and predictor.startswith("vae"), cache=predictor.endswith("_cache"),
-        time_conditioning=module.cfg.time_conditioning,
-        noise_removal=module.cfg.sampling.noise_removal, top_k=top_k, top_p=top_p,
-        generator=generator,
-    )  # fmt: skip
-    return x, stats.as_dict(x.shape[0])
-
-
-def _generate_any_order(module, x_init, order, *, fixz, generator, top_k, top_p):
-    vocab = module.vocab
-    x, stats = samplers.sample_any_order(
-        _denoiser(module), x_init,
-        mask_id=vocab.mask_id, vocab_size=vocab.size, order=order,
-        latent=_latent(module, generator, x_init.shape[1]), fixz=bool(fixz),
-        noise=module.spec.noise if module.cfg.time_conditioning else None,
-        top_k=top_k, top_p=top_p, generator=generator,
-    )  # fmt: skip
-    return x, stats.as_dict(x.shape[0])

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import fsspec
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import utils
+from algorithms import algorithm_class
 from checkpoints import CheckpointError, read_checkpoint
 from models.ema import ExponentialMovingAverage
 
@@ -313,8 +314,8 @@ def _write_json(path: str, value: dict) -> None:
 
 def _write_model_card(out: str, config: dict, num_params: int) -> None:
     cfg = config["config"]
-    kind = {"vae": "VADD (GenDIT decoder + InferDIT encoder)", "mdlm": "MDLM (DiT)"}
-    name = "autoregressive DiT" if cfg["backbone"] == "ar" else kind[cfg["training"]["loss_type"]]
+
+    name = algorithm_class(OmegaConf.create(cfg)).label
     m = cfg["model"]
     lines = [
         f"# {name}",

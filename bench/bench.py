@@ -237,7 +237,7 @@ def bench_sampling(cfg, module: Diffusion, args) -> dict:
     """Seconds per batch at each T; the generator is reseeded per run so runs are identical."""
     device = torch.device(args.device)
     module.to(device)  # Lightning moves the module back to the CPU when fit/validate end
-    predictor = "vae_cache" if module.loss_type == "vae" else "ddpm_cache"
+    predictor = "vae_cache" if module.algorithm.uses_latent else "ddpm_cache"
     gen = torch.Generator(device=device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -274,7 +274,7 @@ def bench_sampling(cfg, module: Diffusion, args) -> dict:
         )
     return {
         "predictor": predictor,
-        "fixz": module.loss_type == "vae",
+        "fixz": module.algorithm.uses_latent,
         "autocast": "bfloat16" if args.device == "cuda" else "none (float32)",  # generate()'s
         "batch": args.sample_batch,
         "length": int(cfg.model.length),

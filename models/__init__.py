@@ -4,28 +4,24 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from models.autoregressive import AR
-from models.dit import DIT, GenDIT, InferDIT
 from models.toy_mlp import toy_networks
 
 
 def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Module | None]:
     """Return (backbone, encoder). `vocab_size` counts the [MASK] id (the last id).
 
-    backbone: AR for backbone=ar, GenDIT for loss_type=vae, else MDLM's DIT.
-    encoder: InferDIT for loss_type=vae, else None.
-    model.type=toy_mlp: the MLP pair of models/toy_mlp.py instead (2-token toy data).
+    The algorithm (algorithms.py) says which networks it trains: MDLM's DIT, VADD's
+    GenDIT + InferDIT, the AR baseline's causal transformer. model.type=toy_mlp builds the
+    MLP pair of models/toy_mlp.py instead (2-token toy data), an encoder only when the
+    algorithm has a latent.
     """
+    from algorithms import get_algorithm
+
+    algorithm = get_algorithm(cfg)
     if cfg.model.get("type") == "toy_mlp":
-        backbone, encoder = toy_networks(cfg, vocab_size)
-    elif cfg.backbone == "ar":
-        backbone, encoder = AR(cfg.model, vocab_size), None
-    elif cfg.training.loss_type == "vae":
-        backbone = GenDIT(cfg.model, vocab_size)
-        m = cfg.model
-        encoder = InferDIT(cfg.decoder, m.latent_dim, m.latent1d, vocab_size, m.get("gelu", "auto"))
+        backbone, encoder = toy_networks(cfg, vocab_size, with_encoder=algorithm.uses_latent)
     else:
-        backbone, encoder = DIT(cfg.model, vocab_size), None
+        backbone, encoder = algorithm.build_networks(vocab_size)
     if cfg.model.get("compile", False):
         compile_blocks(backbone)
         if encoder is not None:

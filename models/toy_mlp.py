@@ -182,14 +182,15 @@ class ToyEncoder(nn.Module):
         return mu, log_sigma
 
 
-def toy_networks(cfg: DictConfig, vocab_size: int) -> tuple[ToyMLP, ToyEncoder | None]:
-    """(decoder, encoder) for model.type=toy_mlp; the encoder only for loss_type=vae.
+def toy_networks(
+    cfg: DictConfig, vocab_size: int, with_encoder: bool
+) -> tuple[ToyMLP, ToyEncoder | None]:
+    """(decoder, encoder) for model.type=toy_mlp; the encoder (and z) only with_encoder.
 
     Sizes come from the model group (decoder) and the decoder group (encoder, the group's
     MDLM-era name); vocab_size counts the [MASK] id.
     """
-    m, e = cfg.model, cfg.decoder
-    vae = cfg.training.loss_type == "vae"
+    m, e, vae = cfg.model, cfg.decoder, with_encoder
     backbone = ToyMLP(
         vocab_size, m.length, hidden=m.hidden_size, n_blocks=m.n_blocks, emb_dim=m.emb_dim,
         cond_dim=m.cond_dim, latent_dim=m.latent_dim if vae else 0, latent_mlp=m.latentMLP,

@@ -466,7 +466,8 @@ def test_infilling_never_changes_given_tokens(
         (["sampling.template='a [MASK]'", "sampling.suffix=b"], "write the prefix and suffix"),
         (
             ["backbone=ar", "parameterization=ar", "sampling.predictor=any_order"],
-            "sampling.predictor=any_order needs a masked-diffusion model",
+            "sampling.predictor=any_order is for diffusion models, and parameterization=ar is "
+            "not one: set sampling.predictor=ar",
         ),
         (
             ["training.loss_type=mdlm", "sampling.predictor=any_order", "sampling.fixz=True"],

@@ -95,7 +95,7 @@ def test_out_mask_rows_match_full_forward(model_cfg, randomize, vocab):
 
 def test_samplers_get_float32_logits_under_bf16_autocast(model_cfg, randomize, vocab):
     """The revealed rows' logits: float32 for the draw, while training keeps bf16."""
-    import generation
+    import predictors
 
     torch.manual_seed(4)
     gen, ar = GenDIT(model_cfg(), vocab + 1).eval(), AR(ar_cfg(), vocab + 1).eval()
@@ -113,7 +113,7 @@ def test_samplers_get_float32_logits_under_bf16_autocast(model_cfg, randomize, v
             class Module:  # what generation reads off a Diffusion module
                 backbone = gen
 
-            drawn = generation._denoiser(Module)(x, zeros(), z, m)
+            drawn = predictors.denoiser(Module)(x, zeros(), z, m)
     assert low.dtype == torch.bfloat16 and high.dtype == drawn.dtype == torch.float32
     # the trunk still ran in bf16; only the head's rounding of its output is gone
     assert (high - exact).abs().max() <= (low.float() - exact).abs().max()

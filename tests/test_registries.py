@@ -1,0 +1,120 @@
+"""Algorithms and samplers are plug-ins: registered by name, found by main.py's code path,
+validated by their own rules; the validator's choice lists are the registries."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_end_to_end import make_cfg
+
+import algorithms
+import main
+import predictors
+from config_check import ConfigError, registry_choices, validate_config
+
+
+def test_the_validators_choices_are_the_registries():
+    choices = registry_choices()
+    assert choices["training.loss_type"] == algorithms.names("training.loss_type")
+    assert set(choices["training.loss_type"]) == {"mdlm", "vae"}
+    assert choices["sampling.predictor"] == ["auto", *predictors.PREDICTORS]
+    families = {cls.family for cls in algorithms.ALGORITHMS.values()}
+    for cls in algorithms.ALGORITHMS.values():  # every default sampler exists and fits
+        pred = predictors.get_predictor(cls.default_predictor)
+        assert pred.family == cls.family and (cls.uses_latent or not pred.needs_latent)
+    assert {p.family for p in predictors.PREDICTORS.values()} <= families
+
+
+@pytest.mark.parametrize(
+    "overrides,name,bound",
+    [
+        ([], "vae", "negative DELBO, kl_weighting=time, continuous time, beta=1"),
+        (["eval.num_particles=3"], "vae", "negative IWAE-DELBO (K=3)"),
+        (["training.loss_type=mdlm", "T=4"], "mdlm", "MDLM NELBO (T=4 steps)"),
+        (["backbone=ar", "parameterization=ar"], "ar", "exact autoregressive NLL"),
+    ],
+)
+def test_the_config_selects_the_algorithm_and_its_bound(tmp_path, overrides, name, bound):
+    algorithm = algorithms.get_algorithm(make_cfg(tmp_path, *overrides))
+    assert algorithm.name == name
+    particles = 3 if "eval.num_particles=3" in overrides else 1
+    assert algorithm.bound_name(particles).startswith(bound)
+
+
+class HalfMDLM(algorithms.MDLM):
+    """A toy algorithm: MDLM's loss at half weight, its own bound name and a rule."""
+
+    name, label = "half_mdlm", "half MDLM"
+
+    @classmethod
+    def validate(cls, cfg):
+        if cfg.T != 0:
+            raise ConfigError(f"training.loss_type=half_mdlm needs T=0 (got T={cfg.T})")
+
+    def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
+        out = super().loss(module, batch, t, beta, num_particles, draws, train)
+        return dataclasses.replace(out, per_seq=out.per_seq / 2)
+
+    def bound_name(self, num_particles):
+        return "half of the MDLM NELBO (a toy)"
+
+
+def fill_greedily(module, x_init, *, steps, fixz, generator, top_k, top_p, order=None):
+    """A toy sampler: one network call, every [MASK] set to its most probable token."""
+    masked = x_init == module.vocab.mask_id
+    sigma = torch.zeros(len(x_init), device=x_init.device)
+    logits = predictors.denoiser(module)(x_init, sigma, None, masked)
+    x = x_init.clone()
+    x[masked] = logits[:, : module.vocab.size].argmax(-1)
+    return x, {"steps": 1, "nfe_per_sequence": 1.0}
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register the toy algorithm and sampler for one test, as a user's module would."""
+    monkeypatch.setitem(algorithms.ALGORITHMS, HalfMDLM.name, HalfMDLM)
+    greedy = predictors.Predictor("greedy", fill_greedily, summary="argmax, one call")
+    monkeypatch.setitem(predictors.PREDICTORS, "greedy", greedy)
+
+
+def test_a_registered_algorithm_and_sampler_train_evaluate_and_sample(tmp_path, registered):
+    run = tmp_path / "run"
+    cfg = make_cfg(run, "training.loss_type=half_mdlm", "trainer.max_steps=3")
+    validate_config(cfg)
+    main.run(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    common = ["training.loss_type=half_mdlm", f"eval.checkpoint_path={ckpt}"]
+    ppl = make_cfg(tmp_path / "ppl", "mode=ppl_eval", *common)
+    validate_config(ppl)
+    main.run(ppl)
+    assert json.loads((tmp_path / "ppl" / "ppl_eval.json").read_text())["bound"] == (
+        "half of the MDLM NELBO (a toy)"
+    )
+    sample = make_cfg(tmp_path / "s", "mode=sample_eval", "sampling.predictor=greedy", *common)
+    validate_config(sample)
+    main.run(sample)
+    (out,) = (tmp_path / "s").glob("samples_greedy_T*.json")
+    saved = json.loads(out.read_text())
+    assert saved["predictor"] == "greedy" and saved["nfe_per_sequence"] == 1.0
+    assert all(max(ids) < 2048 for ids in saved["token_ids"])  # no [MASK] left
+    with pytest.raises(ConfigError, match="half_mdlm needs T=0"):  # the class's own rule
+        validate_config(make_cfg(tmp_path, "training.loss_type=half_mdlm", "T=4"))
+
+
+def test_an_unregistered_name_is_refused_with_the_registered_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"'half_mdlm' is not one of \['mdlm', 'vae'\]"):
+        validate_config(make_cfg(tmp_path, "training.loss_type=half_mdlm"))
+    with pytest.raises(ConfigError, match="sampling.predictor='greedy' is not one of"):
+        validate_config(make_cfg(tmp_path, "sampling.predictor=greedy"))
+
+
+def test_a_name_cannot_be_registered_twice():
+    class Other(algorithms.MDLM):
+        name = "mdlm"
+
+    with pytest.raises(ValueError, match="registered already"):
+        algorithms.register(Other)
+    with pytest.raises(ValueError, match="registered already"):
+        predictors.register(predictors.Predictor("vae", fill_greedily))
