@@ -10,8 +10,8 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 import algorithms
-import predictors
 from errors import ConfigError, VaddError  # noqa: F401  (ConfigError: re-exported)
+from sampling import predictors
 
 CHOICES = {
     "mode": ["train", "ppl_eval", "sample_eval"],
@@ -150,7 +150,7 @@ def _check_range(cfg, key, lo, hi, integer):
         raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
 
 
-# Non-text data (data.kind=grid / image, grid_data.py): what a local folder must hold.
+# Non-text data (data.kind=grid / image, data/grid.py): what a local folder must hold.
 DATA_KINDS = ["text", "grid", "image", "set"]
 LOCAL_FOLDERS = {
     "mnist_local": "train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]",
@@ -160,7 +160,7 @@ LOCAL_FOLDERS = {
 
 def data_kind(cfg: DictConfig) -> str:
     """text (tokenised corpora), grid (the checkerboard), image (MNIST, CIFAR-10) or set
-    (a known finite set of text sequences, text_set.py)."""
+    (a known finite set of text sequences, data/text_set.py)."""
     return cfg.data.get("kind", "text")
 
 
@@ -265,7 +265,7 @@ def _check_backbone(cfg):
 
 
 def _check_algorithm(cfg):
-    """The selected algorithm's own rules (algorithms.py)."""
+    """The selected algorithm's own rules (algorithms/)."""
     algorithms.algorithm_class(cfg).validate(cfg)
 
 

@@ -1,6 +1,6 @@
 """vadd data layer: tokenizers, datasets and dataloaders.
 
-    raw text (data_sources.py) -> detokenize -> tokenize -> wrap or pad to model.length
+    raw text (data/sources.py) -> detokenize -> tokenize -> wrap or pad to model.length
     -> datasets.save_to_disk under data.cache_dir -> memory-mapped rows as torch tensors
 
 Rows are dict(input_ids, attention_mask), LongTensors of shape (L,).
@@ -14,7 +14,7 @@ The mask token is not part of any tokenizer: models use mask_id = len(tokenizer)
 vocabulary of len(tokenizer) + 1. GPT-2 pads with EOS (50256), never with the mask (50257).
 
 Non-text data (data.kind=grid / image: the checkerboard, MNIST, CIFAR-10) comes from
-grid_data.py as fixed-length rows without framing; the loaders below serve both.
+data/grid.py as fixed-length rows without framing; the loaders below serve both.
 """
 
 import dataclasses
@@ -38,9 +38,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-import grid_data
-import text_set
-from data_cache import (
+from data import grid as grid_data
+from data import text_set
+from data.cache import (
     PIPELINE_VERSION,
     cache_path,
     digest,
@@ -50,9 +50,9 @@ from data_cache import (
     remove_tree,
     slug,
 )
-from data_order import ResumableSampler
-from data_sources import DataUnavailableError, get_source
-from tokenization import (  # noqa: F401  (re-exported: the data API lives here)
+from data.order import ResumableSampler
+from data.sources import DataUnavailableError, get_source
+from data.tokenization import (  # noqa: F401  (re-exported: the data API lives here)
     MAP_BATCH_DOCS,
     detokenizer_for,
     get_tokenizer,
@@ -93,7 +93,7 @@ def get_dataset(
     split = SPLITS[split]
     if grid_data.is_grid_data(data_cfg):  # checkerboard, images: fixed rows, no tokenizer
         return grid_data.get_dataset(data_cfg, split, length)
-    if data_cfg.get("kind") == "set":  # a known finite set of sequences (text_set.py)
+    if data_cfg.get("kind") == "set":  # a known finite set of sequences (data/text_set.py)
         return text_set.get_dataset(data_cfg, tokenizer, split, length)
     name = str(data_cfg.train if split == "train" else data_cfg.valid)
     source = get_source(name)
@@ -340,7 +340,7 @@ def _loader(cfg: DictConfig, dataset, split: str) -> DataLoader:
         dataset = RankShard(dataset)
     num_workers = int(cfg.loader.num_workers)
     sampler = None
-    if not streamed:  # seeded, sharded over ranks, resumable mid-epoch (data_order.py)
+    if not streamed:  # seeded, sharded over ranks, resumable mid-epoch (data/order.py)
         sampler = ResumableSampler(
             len(dataset), seed=int(cfg.seed), shuffle=train, drop_last=train, batch_size=batch_size
         )

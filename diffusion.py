@@ -16,21 +16,15 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-import interchange
-import latent_diagnostics
-import losses
-import objectives
 import sharding
 import utils
-from algorithms import get_algorithm
-from errors import VaddError
+from algorithms import get_algorithm, losses, objectives
+from checkpointing import interchange
+from errors import NonFiniteLossError, VaddError  # noqa: F401  (re-exported)
+from evaluation import latent_diagnostics
 from models import build_networks
 from models.ema import ExponentialMovingAverage
 from noise_schedule import get_noise
-
-
-class NonFiniteLossError(VaddError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +57,8 @@ class Diffusion(L.LightningModule):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         self.tokenizer_state = tokenizer_state  # saved in checkpoints for evaluation
-        self.algorithm = get_algorithm(cfg)  # the loss, bound and hooks (algorithms.py)
-        self.backbone, self.encoder = build_networks(cfg, vocab.model_size)
+        self.algorithm = get_algorithm(cfg)  # the loss, bound and hooks (algorithms/)
+        self.backbone, self.encoder = build_networks(cfg, vocab.model_size, self.algorithm)
         self.spec = objectives.DiffusionSpec(
             noise=get_noise(cfg.noise),
             mask_id=vocab.mask_id,

@@ -7,3 +7,11 @@ class VaddError(Exception):
 
 class ConfigError(VaddError, ValueError):
     """A bad configuration value; the message is meant to be shown to the user as is."""
+
+
+class CheckpointError(VaddError, RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class NonFiniteLossError(VaddError):
+    """The training loss became NaN or infinite."""

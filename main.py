@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> None:
     import lightning as L
 
     import runner
-    from checkpoints import read_checkpoint
+    from checkpointing.checkpoints import read_checkpoint
 
     trainer = runner.build_trainer(cfg)
     runner.derive_batch_sizes(cfg, trainer.num_devices * trainer.num_nodes)

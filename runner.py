@@ -13,15 +13,15 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dataloader
-import evaluation
-import interchange
 import sharding
 import utils
-from checkpoints import AtomicCheckpointIO, check_resume, load_for_eval
+from checkpointing import interchange
+from checkpointing.checkpoints import AtomicCheckpointIO, check_resume, load_for_eval
 from config_check import ConfigError
+from data.tokenization import GridTokenizer
 from diffusion import Diffusion, Vocab
+from evaluation.jobs import run_ppl_eval, run_sample_eval
 from models import count_parameters
-from tokenization import GridTokenizer
 
 MODULE_OWNED_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val")  # manual optimisation
 
@@ -84,7 +84,7 @@ def _logger(cfg: DictConfig):
             project=w.project, name=w.name, mode=w.mode, tags=list(w.tags),
             save_dir=cfg.checkpointing.save_dir, id=run_id, resume="allow",
         )  # fmt: skip
-    from callbacks import HistoryCSVLogger
+    from checkpointing.callbacks import HistoryCSVLogger
 
     ck = cfg.checkpointing
     return HistoryCSVLogger(ck.save_dir, name="logs", version="", keep_history=_resuming(cfg))
@@ -196,10 +196,10 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
 def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, ckpt) -> dict:
     load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
     _, valid_dl = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
-    return evaluation.run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
+    return run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
 
 
 def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt) -> dict:
     load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluation.run_sample_eval(cfg, module, tokenizer, cfg.eval.checkpoint_path)
+    return run_sample_eval(cfg, module, tokenizer, cfg.eval.checkpoint_path)

@@ -60,8 +60,8 @@ import dataloader  # noqa: E402
 import runner  # noqa: E402
 from config_check import validate_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from evaluation import run_ppl_eval  # noqa: E402
-from generation import generate  # noqa: E402
+from evaluation.jobs import run_ppl_eval  # noqa: E402
+from sampling.generation import generate  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataloader  # noqa: E402
-import tokenization  # noqa: E402
-from data_sources import bible_chapters  # noqa: E402
+from data import tokenization  # noqa: E402
+from data.sources import bible_chapters  # noqa: E402
 
 
 def main() -> None:

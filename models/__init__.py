@@ -7,17 +7,16 @@ from torch import nn
 from models.toy_mlp import toy_networks
 
 
-def build_networks(cfg: DictConfig, vocab_size: int) -> tuple[nn.Module, nn.Module | None]:
+def build_networks(
+    cfg: DictConfig, vocab_size: int, algorithm
+) -> tuple[nn.Module, nn.Module | None]:
     """Return (backbone, encoder). `vocab_size` counts the [MASK] id (the last id).
 
-    The algorithm (algorithms.py) says which networks it trains: MDLM's DIT, VADD's
+    `algorithm` (an algorithms.Algorithm) says which networks it trains: MDLM's DIT, VADD's
     GenDIT + InferDIT, the AR baseline's causal transformer. model.type=toy_mlp builds the
     MLP pair of models/toy_mlp.py instead (2-token toy data), an encoder only when the
     algorithm has a latent.
     """
-    from algorithms import get_algorithm
-
-    algorithm = get_algorithm(cfg)
     if cfg.model.get("type") == "toy_mlp":
         backbone, encoder = toy_networks(cfg, vocab_size, with_encoder=algorithm.uses_latent)
     else:

@@ -1,6 +1,6 @@
 """The 2-D checkerboard experiment: few-step sampling of MDM vs VADD (spec sections 2-4).
 
-A sample is a pair of bin ids (x, y) (toy_data.py). With T = 1 step masked diffusion (MDM)
+A sample is a pair of bin ids (x, y) (data/toy.py). With T = 1 step masked diffusion (MDM)
 reveals both coordinates at once from p(x0^l | all masked), independently: it can only
 produce the product of the marginals, which for the checkerboard is the uniform square.
 VADD's decoder is also factorised, but given a latent z; drawing z from the prior mixes
@@ -36,12 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-import losses  # noqa: E402
-import objectives  # noqa: E402
-import samplers  # noqa: E402
-import toy_data  # noqa: E402
+from algorithms import (
+    losses,  # noqa: E402
+    objectives,  # noqa: E402
+)
+from data import toy as toy_data  # noqa: E402
 from models.toy_mlp import ToyEncoder, ToyMLP  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
+from sampling import samplers  # noqa: E402
 
 MODELS = ("mdm", "vadd_time", "vadd_steps")
 TRAIN_EPS = 1e-3  # smallest training time (MDLM's sampling_eps)

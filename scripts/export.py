@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import interchange  # noqa: E402
+from checkpointing import interchange  # noqa: E402
 from errors import VaddError  # noqa: E402
 
 

@@ -4,7 +4,7 @@ The text analogue of scripts/checkerboard.py, through the real code path: main.p
 training job (GenDIT / InferDIT / DiT, the embedded default's BPE, `recipe=verse_set`),
 then generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD),
 from BOS given. The data are N distinct rows of BOS + 15 verse-opening tokens, uniformly
-(text_set.py), so every sample is scored exactly: precision (a member or not) and
+(data/text_set.py), so every sample is scored exactly: precision (a member or not) and
 coverage (members found), beside what exact draws reach; the judge's gen-PPL and the
 unigram entropy are reported too.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
-import text_set  # noqa: E402
+from data import text_set  # noqa: E402
 
 ALGOS = ("mdlm", "vae")
 SAMPLERS = {  # name in the tables -> (algorithm, predictor, fixz)
@@ -41,7 +41,7 @@ SAMPLERS = {  # name in the tables -> (algorithm, predictor, fixz)
 }
 
 
-# VADD trained with the fixed-z bound (training.kl_weighting=once, losses.py) of a 2-step
+# VADD trained with the fixed-z bound (training.kl_weighting=once, algorithms/losses.py) of a 2-step
 # sampler: each nat z carries costs one nat once, and a 2-step chain cannot model the
 # set without z, so z learns to name the member. (With kl_weighting=time the z-free bound
 # already reaches log N at the optimum and z carries ~0.3 nats here; README.)
@@ -103,11 +103,11 @@ def train_and_sample(job: dict) -> dict:
     torch.set_num_threads(1)
     import main
     import runner
-    import text_set
-    from checkpoints import load_for_eval, read_checkpoint
+    from checkpointing.checkpoints import load_for_eval, read_checkpoint
     from config_check import validate_config
+    from data import text_set
     from dataloader import get_tokenizer
-    from generation import generate
+    from sampling.generation import generate
 
     out = Path(job["out"])
     cfg = compose(out, job["overrides"])
@@ -218,7 +218,7 @@ def _mean_std(values: list[float]) -> dict:
 
 def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
     """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth."""
-    import gen_ppl
+    from evaluation import gen_ppl
 
     scores, truth = {}, {}
     judge = None if judge_name == "none" else gen_ppl.load_judge(judge_name)

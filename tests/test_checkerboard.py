@@ -15,11 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import losses
-import objectives
-import tokenization
-import toy_data
+from algorithms import get_algorithm, losses, objectives
 from config_check import ConfigError, validate_config
+from data import tokenization
+from data import toy as toy_data
 from models import build_networks
 from models.toy_mlp import ToyEncoder, ToyMLP
 
@@ -224,15 +223,15 @@ def test_hydra_checkerboard_trains_evaluates_and_reports_exact_js(tmp_path):
 
 def test_hydra_builds_the_toy_networks_from_the_model_groups(tmp_path):
     vae = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "model.latent_dim=3")
-    backbone, encoder = build_networks(vae, 17)
+    backbone, encoder = build_networks(vae, 17, get_algorithm(vae))
     assert isinstance(backbone, ToyMLP) and isinstance(encoder, ToyEncoder)
     assert backbone.latent_dim == 3 and len(backbone.blocks) == 1 and backbone.length == 2
     assert encoder.head.out_features == 2 * 3 and encoder.reads_xt
     mdm = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "training.loss_type=mdlm")
-    backbone, encoder = build_networks(mdm, 17)
+    backbone, encoder = build_networks(mdm, 17, get_algorithm(mdm))
     assert encoder is None and backbone.latent_map is None
     blind = hydra_jobs.compose_job(tmp_path, *HYDRA_TINY, "decoder.mask_struc=none")
-    assert not build_networks(blind, 17)[1].reads_xt
+    assert not build_networks(blind, 17, get_algorithm(blind))[1].reads_xt
 
 
 def test_grid_tokenizer_round_trips_through_a_checkpoint_state():

@@ -131,7 +131,7 @@ def test_every_trainer_checkpoint_goes_through_the_atomic_writer(tmp_path):
     from test_end_to_end import make_cfg
 
     import runner
-    from checkpoints import AtomicCheckpointIO
+    from checkpointing.checkpoints import AtomicCheckpointIO
 
     cfg = make_cfg(tmp_path, "trainer.accelerator=cpu", "trainer.devices=1")
     assert isinstance(runner.build_trainer(cfg).strategy.checkpoint_io, AtomicCheckpointIO)
@@ -164,7 +164,7 @@ def test_an_explicit_resume_path_that_does_not_exist_is_an_error(tmp_path):
 
 def test_a_failure_before_training_starts_writes_nothing(trained, tmp_path, monkeypatch):
     """Anything raised while restoring (here: the optimiser state) leaves last.ckpt alone."""
-    from callbacks import SafetyCheckpoint
+    from checkpointing.callbacks import SafetyCheckpoint
 
     run_dir = copy_run(trained, tmp_path)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -182,7 +182,7 @@ def test_a_failure_before_training_starts_writes_nothing(trained, tmp_path, monk
 
 
 def test_an_exception_does_not_write_a_state_behind_the_file(trained, tmp_path):
-    from callbacks import SafetyCheckpoint, saved_step
+    from checkpointing.callbacks import SafetyCheckpoint, saved_step
 
     run_dir = copy_run(trained, tmp_path)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -213,7 +213,7 @@ def test_an_exception_does_not_write_a_state_behind_the_file(trained, tmp_path):
 def test_a_nan_stop_keeps_last_ckpt_and_saves_the_last_finite_state_apart(tmp_path, monkeypatch):
     from test_end_to_end import build, dataloader, make_cfg
 
-    from callbacks import SafetyCheckpoint
+    from checkpointing.callbacks import SafetyCheckpoint
     from diffusion import NonFiniteLossError
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=5")
@@ -244,7 +244,7 @@ def test_a_nan_stop_keeps_last_ckpt_and_saves_the_last_finite_state_apart(tmp_pa
 
 # ---------------------------------------------------------------- Ctrl-C and resume
 def test_ctrl_c_is_python_s_own_again_after_training(tmp_path):
-    from callbacks import SafetyCheckpoint
+    from checkpointing.callbacks import SafetyCheckpoint
 
     class Trainer:
         is_global_zero, global_step, checkpoint_callbacks = True, 1, []

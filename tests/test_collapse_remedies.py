@@ -8,7 +8,7 @@ import torch
 from test_end_to_end import build, make_cfg, validate
 
 import dataloader
-from evaluation import run_ppl_eval
+from evaluation.jobs import run_ppl_eval
 
 REMEDIES = [
     ["training.free_bits=0.5"],

@@ -12,13 +12,13 @@ from test_end_to_end import build, make_cfg  # sibling module: tests/ is on sys.
 
 import dataloader
 import runner
-import samplers
 from config_check import ConfigError, validate_config
 from diffusion import Diffusion, Vocab
-from evaluation import run_sample_eval
-from generation import conditioning_from_text, generate, parse_template
+from evaluation.jobs import run_sample_eval
 from models.dit import GenDIT
 from noise_schedule import LogLinear
+from sampling import samplers
+from sampling.generation import conditioning_from_text, generate, parse_template
 
 V = 6  # real tokens 0..5
 MASK = V

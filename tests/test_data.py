@@ -8,11 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import data_sources
 import dataloader
-import detokenizers
-import grid_data
-import tokenization
+from data import detokenizers, tokenization
+from data import grid as grid_data
+from data import sources as data_sources
 from dataloader import DataUnavailableError, get_dataloaders, get_dataset, get_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -485,7 +484,7 @@ def test_every_config_resolves():
         cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
         assert cfg.name == name and cfg.streaming is False
         name_or_path = cfg.tokenizer_name_or_path
-        if grid_data.is_grid_data(cfg):  # checkerboard, images: grid_data.py, GridTokenizer
+        if grid_data.is_grid_data(cfg):  # checkerboard, images: data/grid.py, GridTokenizer
             assert cfg.train in grid_data.SOURCES and cfg.valid in grid_data.SOURCES
             assert name_or_path.startswith("grid-") and len(get_tokenizer(cfg)) > 1
             continue

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import MICRO_MODEL, QUIET
 
-from data_order import ResumableSampler
+from data.order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -16,8 +16,8 @@ from tiny import TINY
 
 import dataloader
 import runner
-from checkpoints import CheckpointError, load_for_eval, read_checkpoint
-from evaluation import run_ppl_eval, run_sample_eval
+from checkpointing.checkpoints import CheckpointError, load_for_eval, read_checkpoint
+from evaluation.jobs import run_ppl_eval, run_sample_eval
 from models.dit import round_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_ppl_eval_iwae_reports_bound_and_particles(tmp_path):
 
 
 def test_ppl_eval_of_a_local_corpus_records_its_held_out_share(tmp_path):
-    from data_sources import bible_chapters
+    from data.sources import bible_chapters
 
     corpus = tmp_path / "corpus.txt"  # 120 chapters as paragraphs: ~430,000 characters
     corpus.write_text("\n\n".join(bible_chapters()[:120]))
@@ -303,7 +303,7 @@ def test_baselines_train_and_sample(tmp_path, overrides, predictor):
     train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
     trainer.fit(module, train_dl)
     assert module.encoder is None
-    from generation import generate
+    from sampling.generation import generate
 
     x, stats = generate(module, num_samples=2, predictor=predictor, steps=4, length=16)
     assert x.shape == (2, 16) and int(x.max()) < module.vocab.size

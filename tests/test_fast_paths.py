@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
-import objectives
-import samplers
+from algorithms import losses, objectives
 from config_check import ConfigError, validate_config
 from models import attention
 from models.dit import DIT, GELU, GenDIT, modulate, round_up
 from noise_schedule import LogLinear
+from sampling import samplers
 
 
 def reference_logp(logits, targets, vocab_size):

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-import gen_ppl
 from errors import VaddError
+from evaluation import gen_ppl
 
 GENESIS = (
     "In the beginning God created the heaven and the earth. And the earth was without form, "

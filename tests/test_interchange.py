@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from tiny import TINY
 
 import dataloader
-import interchange
 import main
-import objectives
 import runner
-from checkpoints import CheckpointError
+from algorithms import objectives
+from checkpointing import folders, interchange
+from checkpointing.checkpoints import CheckpointError
 from config_check import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_exported_folder_is_refused_with_another_config_or_edited_tokenizer(tmp_
         (folder / "tokenizer.json").read_text().replace('"<|eos|>"', '"<|end|>"')
     )
     with pytest.raises(CheckpointError, match="tokenizer was changed after export"):
-        interchange.read_export(str(folder))
+        folders.read_export(str(folder))
     assert _export(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(folder)]) == 2
 
 

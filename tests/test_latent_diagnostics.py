@@ -1,4 +1,4 @@
-"""Posterior-collapse diagnostics (latent_diagnostics.py) on hand-built encoders, and the
+"""Posterior-collapse diagnostics (evaluation/latent_diagnostics.py) on hand-built encoders, and the
 training-only remedies (free bits, cyclical beta, the encoder's initial head)."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-import latent_diagnostics as ld
-import losses
+from algorithms import losses
+from evaluation import latent_diagnostics as ld
 from models.dit import InferDIT
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
+from algorithms import losses
 from noise_schedule import Cosine, LogLinear
 
 

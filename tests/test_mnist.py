@@ -18,10 +18,10 @@ import torch
 from hydra_jobs import compose_job, one_thread, run_job
 from omegaconf import OmegaConf
 
-import grid_data
-import image_data
 from config_check import ConfigError, validate_config
-from data_sources import DataUnavailableError
+from data import grid as grid_data
+from data import images as image_data
+from data.sources import DataUnavailableError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

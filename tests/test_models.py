@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import objectives
+from algorithms import objectives
 from models.autoregressive import AR
 from models.dit import DIT, GenDIT, InferDIT
 from models.ema import ExponentialMovingAverage
@@ -95,7 +95,7 @@ def test_out_mask_rows_match_full_forward(model_cfg, randomize, vocab):
 
 def test_samplers_get_float32_logits_under_bf16_autocast(model_cfg, randomize, vocab):
     """The revealed rows' logits: float32 for the draw, while training keeps bf16."""
-    import predictors
+    from sampling import predictors
 
     torch.manual_seed(4)
     gen, ar = GenDIT(model_cfg(), vocab + 1).eval(), AR(ar_cfg(), vocab + 1).eval()

@@ -10,8 +10,8 @@ from test_end_to_end import make_cfg
 
 import algorithms
 import main
-import predictors
 from config_check import ConfigError, registry_choices, validate_config
+from sampling import predictors
 
 
 def test_the_validators_choices_are_the_registries():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import MICRO_MODEL, QUIET
 
-from data_order import ResumableSampler
+from data.order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -6,9 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import samplers
 from models.dit import GenDIT
 from noise_schedule import LogLinear
+from sampling import samplers
 
 V = 5  # real tokens 0..4
 MASK = V

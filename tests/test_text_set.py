@@ -1,4 +1,4 @@
-"""The known-set text data (text_set.py): members, exact scores, and the main.py path."""
+"""The known-set text data (data/text_set.py): members, exact scores, and the main.py path."""
 
 import itertools
 import json
@@ -10,7 +10,7 @@ from hydra_jobs import one_thread, run_job
 from omegaconf import OmegaConf
 from tiny import QUIET
 
-import text_set
+from data import text_set
 from dataloader import get_tokenizer
 
 
@@ -81,7 +81,7 @@ def test_members_are_distinct_verse_openings_in_a_seeded_order():
     assert len({tuple(r) for r in rows.tolist()}) == 16
     assert torch.equal(rows, text_set.members(data, tok, 12))  # deterministic
     assert not torch.equal(rows, text_set.members(verse_cfg(16, seed=1), tok, 12))
-    import data_sources
+    from data import sources as data_sources
 
     texts = [v["text"] for v in data_sources.bible_verses()]
     openings = {tuple(ids[:11]) for ids in tok(texts, add_special_tokens=False)["input_ids"]}
@@ -107,7 +107,7 @@ def test_all_mask_input_gives_every_position_the_same_output_until_bos_is_given(
 
 
 def test_sampling_frame_fixes_bos_and_the_samplers_keep_it():
-    from generation import generate
+    from sampling.generation import generate
 
     module, tok = verse_module("vae")
     frame = text_set.sampling_frame(tok, 8, module.vocab.mask_id)

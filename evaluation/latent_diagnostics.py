@@ -24,7 +24,7 @@ import math
 
 import torch
 
-import losses
+from algorithms import losses
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al.'s threshold on Var_x E[z_j | x]
 MI_ROWS = 2048  # rows kept for the O(N^2 d) MI estimate (in all)

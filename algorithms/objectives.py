@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import losses
+from algorithms import losses
 from noise_schedule import NoiseSchedule
 
 

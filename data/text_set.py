@@ -33,8 +33,8 @@ import random
 import torch
 from omegaconf import DictConfig
 
-import data_sources
-from grid_data import TokenRows
+from data import sources as data_sources
+from data.grid import TokenRows
 
 
 def members(data_cfg: DictConfig, tokenizer, length: int) -> torch.Tensor:

@@ -116,7 +116,7 @@ class MDLM(Algorithm):
         return DIT(self.cfg.model, vocab_size), None
 
     def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
-        import objectives
+        from algorithms import objectives
 
         x0 = batch["input_ids"]
         return objectives.mdlm_loss(module.backbone, x0, key_mask(batch), t, module.spec, draws)
@@ -173,7 +173,7 @@ class VADD(Algorithm):
         return decoder, InferDIT(self.cfg.decoder, m.latent_dim, m.latent1d, vocab_size, m.gelu)
 
     def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
-        import objectives
+        from algorithms import objectives
 
         return objectives.vae_loss(
             module.backbone, module.encoder, batch["input_ids"], key_mask(batch), t,
@@ -188,7 +188,7 @@ class VADD(Algorithm):
 
     def validation_extras(self, module, batch, t):
         """The decoder's NELBO with z drawn from the prior: what z buys is the gap."""
-        import objectives
+        from algorithms import objectives
 
         x0 = batch["input_ids"]
         d = self.cfg.model.latent_dim
@@ -250,7 +250,7 @@ class AR(Algorithm):
         return CausalTransformer(self.cfg.model, vocab_size), None
 
     def loss(self, module, batch, t=None, beta=1.0, num_particles=1, draws=None, train=False):
-        import objectives
+        from algorithms import objectives
 
         return objectives.ar_loss(module.backbone, batch["input_ids"], key_mask(batch), module.spec)
 

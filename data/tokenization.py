@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from data_cache import (
+from data.cache import (
     PIPELINE_VERSION,
     cache_path,
     digest,
@@ -33,7 +33,7 @@ from data_cache import (
     remove_tree,
     write_atomically,
 )
-from data_sources import DataUnavailableError, Source, get_source, remote_access
+from data.sources import DataUnavailableError, Source, get_source, remote_access
 
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 TEXT8_CHARS = " abcdefghijklmnopqrstuvwxyz"

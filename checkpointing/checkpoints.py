@@ -8,11 +8,8 @@ from torch import nn
 
 import utils
 from algorithms import algorithm_class
-from errors import VaddError
-
-
-class CheckpointError(VaddError, RuntimeError):
-    """A checkpoint that cannot be used; the message says why and what to do."""
+from checkpointing.folders import read_export
+from errors import CheckpointError, VaddError  # noqa: F401  (CheckpointError: re-exported)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,7 +27,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
     """torch.load through fsspec; missing, truncated or foreign files raise CheckpointError.
 
-    A folder written by scripts/export.py reads as a checkpoint too (interchange.read_export).
+    A folder written by scripts/export.py reads as a checkpoint too (folders.read_export).
     """
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
@@ -38,9 +35,7 @@ def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
             f"{key}={path} does not exist: pass the path of a .ckpt file or an exported folder"
         )
     if fs.isdir(p):
-        import interchange  # imports this module
-
-        return interchange.read_export(path)
+        return read_export(path)
     try:
         with fs.open(p, "rb") as f:
             ckpt = torch.load(f, map_location="cpu", weights_only=False)

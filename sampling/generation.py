@@ -9,14 +9,17 @@ that frame: BOS, prefix ... suffix, EOS.
 
 import contextlib
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
 
-import predictors
 from algorithms import algorithm_class
-from diffusion import Diffusion
 from errors import ConfigError
+from sampling import predictors
+
+if TYPE_CHECKING:  # a type only: diffusion imports these modules
+    from diffusion import Diffusion
 
 # `[MASK]` = one free token, `[MASK:n]` = n free tokens.
 MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
@@ -99,7 +102,7 @@ def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
     if cfg.sampling.get("frame", "none") != "auto" or algorithm_class(cfg).family == "ar":
         return None  # the AR sampler opens every row with BOS itself
     kind = cfg.data.get("kind", "text")
-    if kind == "set":  # text_set.py: BOS + the verse opening
+    if kind == "set":  # data/text_set.py: BOS + the verse opening
         return True, False
     if kind != "text" or tokenizer.bos_token_id is None:
         return None
@@ -134,7 +137,7 @@ def conditioning_from_config(
 
 @torch.no_grad()
 def generate(
-    module: Diffusion,
+    module: "Diffusion",
     *,
     num_samples: int,
     predictor: str,

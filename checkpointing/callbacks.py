@@ -23,7 +23,7 @@ class SafetyCheckpoint(Callback):
       settings) writes nothing;
     - an exception writes last.ckpt only if the run has advanced past the step the file
       already holds, and only finite weights;
-    - a NaN / inf loss stop (diffusion.NonFiniteLossError, raised before the bad step
+    - a NaN / inf loss stop (errors.NonFiniteLossError, raised before the bad step
       reaches the weights) keeps last.ckpt and writes the last finite state under its
       own name, `nonfinite-step=<N>.ckpt`, beside the offending batch.
 
@@ -93,7 +93,7 @@ class SafetyCheckpoint(Callback):
         if not self.started:
             utils.print0("[vadd] training did not start: no checkpoint written")
             return
-        from diffusion import NonFiniteLossError
+        from errors import NonFiniteLossError
 
         step = trainer.global_step
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_sources import remote_access
+from data.sources import remote_access
 from errors import VaddError
 
 DEFAULT_JUDGE = "gpt2-large"

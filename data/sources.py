@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 from omegaconf import DictConfig
 
-import detokenizers
+from data import detokenizers
 from errors import VaddError
 
 HF_HOST = "huggingface.co"

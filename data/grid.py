@@ -1,7 +1,7 @@
 """Non-text data: fixed-length rows of symbols (data.kind=grid or image), and their scores.
 
-    data=checkerboard      2 tokens per row: the bins of a point's x and y (toy_data.py)
-    data=binarized_mnist   784 tokens per row: MNIST pixels at data.levels=2 (image_data.py)
+    data=checkerboard      2 tokens per row: the bins of a point's x and y (data/toy.py)
+    data=binarized_mnist   784 tokens per row: MNIST pixels at data.levels=2 (data/images.py)
     data=mnist_local       the same from the full MNIST idx files under data.path
     data=cifar10_local     3072 tokens per row: CIFAR-10 pixels (H, W, C order), 256 levels
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-import image_data
-import toy_data
-from data_sources import DataUnavailableError
+from data import images as image_data
+from data import toy as toy_data
+from data.sources import DataUnavailableError
 
 KINDS = ("grid", "image")
 

@@ -5,20 +5,22 @@ can always be traced to the bound, weights and draws it came from.
 """
 
 import time
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import gen_ppl
-import grid_data
-import latent_diagnostics
-import predictors
-import text_set
 import utils
 from algorithms import get_algorithm
-from diffusion import Diffusion
-from generation import conditioning_from_config, generate
+from data import grid as grid_data
+from data import text_set
+from evaluation import gen_ppl, latent_diagnostics
+from sampling import predictors
+from sampling.generation import conditioning_from_config, generate
+
+if TYPE_CHECKING:  # a type only: diffusion imports these modules
+    from diffusion import Diffusion
 
 
 def bound_name(cfg: DictConfig, num_particles: int) -> str:
@@ -27,7 +29,7 @@ def bound_name(cfg: DictConfig, num_particles: int) -> str:
 
 
 def run_ppl_eval(
-    cfg: DictConfig, module: Diffusion, trainer: L.Trainer, loader, ckpt_path: str
+    cfg: DictConfig, module: "Diffusion", trainer: L.Trainer, loader, ckpt_path: str
 ) -> dict:
     module.eval_draws = int(cfg.eval.get("ppl_times", 1))
     module.eval_particles = int(cfg.eval.num_particles)
@@ -83,7 +85,7 @@ def _describe_split(cfg: DictConfig) -> dict | None:
     """How the evaluation rows were held out (text data; None for grid / set data)."""
     if cfg.data.get("kind", "text") != "text":
         return None
-    import data_sources
+    from data import sources as data_sources
 
     return data_sources.describe_split(cfg.data)
 
@@ -97,7 +99,7 @@ def _rows_in_split(loader) -> int | None:
         return None
 
 
-def draw_samples(cfg: DictConfig, module: Diffusion, predictor: str, fixz: bool, x_init):
+def draw_samples(cfg: DictConfig, module: "Diffusion", predictor: str, fixz: bool, x_init):
     """num_sample_batches x eval_batch_size samples -> tokens (N, L), mean NFE per sequence."""
     sp, batch = cfg.sampling, int(cfg.loader.eval_batch_size)
     gen = torch.Generator(device=module.device).manual_seed(int(sp.seed))
@@ -137,7 +139,7 @@ def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditional:
     return tag + (f"_fixz{fixz}" if fixz is not None else "") + ("_cond" if conditional else "")
 
 
-def run_sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt_path: str) -> dict:
+def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: str) -> dict:
     sp, pred = cfg.sampling, predictors.resolve(cfg)
     predictor = pred.name
     fixz = True if sp.fixz is None else bool(sp.fixz)

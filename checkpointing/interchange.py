@@ -24,10 +24,11 @@ from torch import nn
 
 import utils
 from algorithms import algorithm_class
-from checkpoints import CheckpointError, read_checkpoint
+from checkpointing.checkpoints import read_checkpoint
+from checkpointing.folders import FORMAT_VERSION, read_folder_weights, read_json
+from errors import CheckpointError
 from models.ema import ExponentialMovingAverage
 
-FORMAT_VERSION = 1
 NETWORKS = ("backbone.", "encoder.")
 BUFFER_SUFFIXES = ("inv_freq", "cos_cached", "sin_cached")  # rotary caches: recomputed
 LATENT = "backbone.latent_map."  # GenDIT's latent path g(z); the rest of GenDIT is the trunk
@@ -100,49 +101,12 @@ def ema_tensors(state: dict[str, torch.Tensor], ema: dict, path: str) -> dict[st
 
 
 def _read_folder_source(path: str) -> Source:
-    config = _read_json(os.path.join(path, "config.json"), path)
-    state = _network_tensors(_read_folder_weights(path))
+    config = read_json(os.path.join(path, "config.json"), path)
+    state = _network_tensors(read_folder_weights(path))
     if config.get("format") == "vadd":
         size = config["vocab"]["size"] + 1
         return Source(state, config.get("weights", "raw"), size, config.get("config"))
     return Source(state, "as saved in the folder", None, None)  # e.g. MDLM's Hugging Face export
-
-
-def _read_folder_weights(path: str) -> dict[str, torch.Tensor]:
-    safetensors_path = os.path.join(path, "model.safetensors")
-    bin_path = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-
-        return _readable(safetensors_path, load_file)
-    if os.path.exists(bin_path):
-        return _readable(bin_path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    raise CheckpointError(
-        f"{path} has no model.safetensors or pytorch_model.bin: pass a folder written by "
-        "scripts/export.py (or an MDLM Hugging Face folder)"
-    )
-
-
-def _readable(file: str, read):
-    """read(file), or one line naming the file when it is truncated or not what it says."""
-    try:
-        return read(file)
-    except Exception as err:  # SafetensorError, UnpicklingError, JSONDecodeError, ...
-        raise CheckpointError(
-            f"{file} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); it may "
-            "be truncated by an interrupted copy: copy or export the folder again"
-        ) from err
-
-
-def _read_json(file: str, folder: str) -> dict:
-    if not os.path.exists(file):
-        raise CheckpointError(f"{folder} has no config.json: it is not a model folder")
-
-    def read(path: str) -> dict:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-
-    return _readable(file, read)
 
 
 # ---------------------------------------------------------------- warm start
@@ -339,51 +303,3 @@ def _write_model_card(out: str, config: dict, num_params: int) -> None:
         "`model.safetensors` (`backbone.*` decoder, `encoder.*` encoder), `tokenizer.json`.",
     ]
     _write_text(os.path.join(out, "README.md"), "\n".join(lines) + "\n")
-
-
-def read_export(path: str) -> dict:
-    """A folder from scripts/export.py as a checkpoint dict `checkpoints.load_for_eval` takes."""
-    config = _read_json(os.path.join(path, "config.json"), path)
-    if config.get("format") != "vadd":
-        raise CheckpointError(
-            f"{path} is not a vadd export (config.json has no format=vadd): an MDLM folder "
-            "can warm-start training with model.init_from=<folder>"
-        )
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {config['format_version']}, newer than this code "
-            f"reads ({FORMAT_VERSION}): update vadd"
-        )
-    state = _read_folder_weights(path)
-    return {
-        "state_dict": state,
-        "global_step": config.get("global_step", 0),
-        "exported_weights": config["weights"],
-        "vadd": {
-            "config": config["config"],
-            "vocab": {k: v for k, v in config["vocab"].items() if k != "model_size"},
-            "tokenizer": _read_tokenizer_state(path, config.get("tokenizer")),
-        },
-    }
-
-
-def _read_tokenizer_state(path: str, info: dict | None) -> dict | None:
-    """Rebuild the tokenizer state a checkpoint stores; refuse an edited tokenizer.json."""
-    if info is None:
-        return None
-    from tokenization import tokenizer_fingerprint, tokenizer_from_state
-
-    file = os.path.join(path, "tokenizer.json")
-
-    def read(file: str) -> dict:
-        with open(file, encoding="utf-8") as f:
-            state = {**info, "json": f.read()}
-        return state, tokenizer_fingerprint(tokenizer_from_state(state))
-
-    state, fingerprint = _readable(file, read)
-    if fingerprint != info["fingerprint"]:
-        raise CheckpointError(
-            f"{path}/tokenizer.json does not match the fingerprint in config.json: the "
-            "tokenizer was changed after export; export the checkpoint again"
-        )
-    return state

