@@ -3,8 +3,8 @@
 What lives here: optimisation (manual, so accumulation, gradient clipping, VADD's
 encoder-only steps and EMA updates are explicit and in one place), KL annealing, the
 global-batch antithetic time draw, EMA swapping for evaluation, and metric reduction.
-What does not: the maths (losses.py, objectives.py), sampling (samplers.py,
-generation.py), data (dataloader.py).
+What does not: the algorithm's loss and bound (algorithms/), sampling (sampling/), data
+(dataloader.py, data/).
 """
 
 import os

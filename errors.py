@@ -15,3 +15,10 @@ class CheckpointError(VaddError, RuntimeError):
 
 class NonFiniteLossError(VaddError):
     """The training loss became NaN or infinite."""
+
+
+class DataUnavailableError(VaddError, RuntimeError):
+    """The data (or its tokenizer) cannot be produced here; the message says how to fix it.
+
+    A VaddError, so main.py prints it as one line instead of a stack trace.
+    """

@@ -256,12 +256,11 @@ def _read_holder(path: str) -> tuple[str, int] | None:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write JSON through fsspec (local, s3://, gs://...) atomically (atomic_write)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
+    """Write JSON (indented, a final newline) through fsspec, atomically (atomic_write)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_text(path: str, text: str) -> None:
-    fs, _, (p,) = fsspec.get_fs_token_paths(path)
-    fs.makedirs(fs._parent(p), exist_ok=True)
-    with fs.open(p, "w") as f:
-        f.write(text)
+    """Write UTF-8 text through fsspec (local, s3://, gs://...), atomically: a reader
+    sees the old file or the whole new one, never a part."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -203,8 +203,11 @@ def check_resume(cfg, vocab_size: int, path: str) -> None:
         _lookup(saved, "optim.encoder_lr_scale"),
         _lookup(current, "optim.encoder_lr_scale"),
     )
-    vae = current.get("training", {}).get("loss_type") == "vae"
-    if vae and before is not _MISSING and (before == 1.0) != (now == 1.0):
+    if (
+        algorithm_class(cfg).uses_latent
+        and before is not _MISSING
+        and (before == 1.0) != (now == 1.0)
+    ):
         diffs.append(  # one AdamW parameter group at 1, two otherwise
             f"optim.encoder_lr_scale={before} in the checkpoint, {now} now (the optimiser "
             "state has another number of parameter groups)"

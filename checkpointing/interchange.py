@@ -13,7 +13,6 @@ padding rows beyond the real vocabulary (real tokens + [MASK]); the real rows ar
 and the padding rows zero-filled, and only a different real vocabulary is refused.
 """
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -253,7 +252,7 @@ def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
         "parameters": {k: list(v.shape) for k, v in tensors.items()},
         "config": vadd["config"],
     }
-    _write_json(os.path.join(out, "config.json"), config)
+    utils.write_json(os.path.join(out, "config.json"), config)
     _write_model_card(out, config, sum(v.numel() for v in tensors.values()))
     return config
 
@@ -262,18 +261,10 @@ def _write_tokenizer(out: str, state: dict | None) -> dict | None:
     """tokenizer.json (the tokenizers library's file) + tokenizer_config.json (its specials)."""
     if state is None:
         return None
-    _write_text(os.path.join(out, "tokenizer.json"), state["json"])
+    utils.write_text(os.path.join(out, "tokenizer.json"), state["json"])
     hf = {"tokenizer_class": "PreTrainedTokenizerFast", "name_or_path": state["name"]}
-    _write_json(os.path.join(out, "tokenizer_config.json"), {**hf, **state["specials"]})
+    utils.write_json(os.path.join(out, "tokenizer_config.json"), {**hf, **state["specials"]})
     return {k: state[k] for k in ("name", "specials", "fingerprint")}
-
-
-def _write_text(path: str, text: str) -> None:
-    utils.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _write_json(path: str, value: dict) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _write_model_card(out: str, config: dict, num_params: int) -> None:
@@ -302,4 +293,4 @@ def _write_model_card(out: str, config: dict, num_params: int) -> None:
         "Files: `config.json` (resolved vadd config, vocabulary, tokenizer identity), "
         "`model.safetensors` (`backbone.*` decoder, `encoder.*` encoder), `tokenizer.json`.",
     ]
-    _write_text(os.path.join(out, "README.md"), "\n".join(lines) + "\n")
+    utils.write_text(os.path.join(out, "README.md"), "\n".join(lines) + "\n")

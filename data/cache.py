@@ -4,11 +4,10 @@ import hashlib
 import json
 import os
 import re
+from pathlib import Path
 
 import fsspec
 from omegaconf import DictConfig
-
-import utils
 
 PIPELINE_VERSION = 1  # part of every cache key: bump it when the processing changes
 
@@ -43,13 +42,17 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 
 
-def write_atomically(path: str, text: str) -> None:
-    utils.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def digest(parts: list) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip("-") or "tokenizer"
+
+
+def hash_files(paths: list[Path], root: Path | None = None) -> str:
+    digest = hashlib.sha1()
+    for path in paths:
+        digest.update(str(path.relative_to(root) if root else path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

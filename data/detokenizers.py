@@ -8,7 +8,6 @@ comparable. Each detokenizer is a pure str -> str function built from an ordered
 """
 
 import re
-from collections.abc import Callable
 
 Rule = tuple[str, str]
 
@@ -113,12 +112,3 @@ def lambada(text: str) -> str:
 def scientific_papers(text: str) -> str:
     # arXiv / PubMed articles mix both styles of tokenisation.
     return lm1b(wikitext(text))
-
-
-DETOKENIZERS: dict[str, Callable[[str], str]] = {
-    "wikitext": wikitext,
-    "ptb": ptb,
-    "lm1b": lm1b,
-    "lambada": lambada,
-    "scientific_papers": scientific_papers,
-}

@@ -14,7 +14,6 @@ per dimension). Token ids are the symbols themselves (tokenization.GridTokenizer
 divergence for the checkerboard, a PNG of the samples for both kinds.
 """
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,10 +30,6 @@ KINDS = ("grid", "image")
 
 def is_grid_data(data_cfg: DictConfig) -> bool:
     return data_cfg.get("kind", "text") in KINDS
-
-
-def row_length(data_cfg: DictConfig) -> int:
-    return math.prod(int(d) for d in data_cfg.shape)
 
 
 class TokenRows(torch.utils.data.Dataset):

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import utils
 from data.cache import (
     PIPELINE_VERSION,
     cache_path,
@@ -31,7 +32,6 @@ from data.cache import (
     exists,
     first_line,
     remove_tree,
-    write_atomically,
 )
 from data.sources import DataUnavailableError, Source, get_source, remote_access
 
@@ -200,7 +200,7 @@ def _bpe_tokenizer(data_cfg: DictConfig, vocab_size: int) -> PreTrainedTokenizer
     if not exists(path):
         texts = _texts(source.load(data_cfg, "train"), detokenizer)  # never the held-out text
         text = _train_bpe(texts, vocab_size).to_str()
-        write_atomically(path, text)
+        utils.write_text(path, text)
         tokenizer = Tokenizer.from_str(text)  # the very object a later run reads back
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, name_or_path=f"{name}-bpe{vocab_size}", **SPECIALS

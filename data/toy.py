@@ -62,11 +62,6 @@ def discretize(points: torch.Tensor, bins: int) -> torch.Tensor:
     return ids.clamp(0, bins - 1)  # the closed upper edge HIGH belongs to the last bin
 
 
-def bin_centers(ids: torch.Tensor, bins: int) -> torch.Tensor:
-    """Bin ids -> the coordinate of the bin centre (for plotting samples)."""
-    return LOW + (ids.double() + 0.5) * (HIGH - LOW) / bins
-
-
 def sample_tokens(n: int, bins: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n, 2) token sequences drawn from exact_distribution(bins)."""
     return discretize(sample_points(n, generator), bins)

@@ -2,7 +2,7 @@
 
 The text analogue of scripts/checkerboard.py, through the real code path: main.py's
 training job (GenDIT / InferDIT / DiT, the embedded default's BPE, `recipe=verse_set`),
-then generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD),
+then sampling.generation.generate (`ddpm` for MDLM, `vae` with fixz True and False for VADD),
 from BOS given. The data are N distinct rows of BOS + 15 verse-opening tokens, uniformly
 (data/text_set.py), so every sample is scored exactly: precision (a member or not) and
 coverage (members found), beside what exact draws reach; the judge's gen-PPL and the

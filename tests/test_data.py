@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dataloader
-from data import detokenizers, tokenization
+from data import detokenizers, local_text, tokenization
 from data import grid as grid_data
 from data import sources as data_sources
 from dataloader import DataUnavailableError, get_dataloaders, get_dataset, get_tokenizer
@@ -260,7 +260,7 @@ def test_a_streamed_dataset_is_split_across_ranks(bible, tmp_path, monkeypatch, 
 def test_local_text_folder(tmp_path, gpt2):
     write_corpus(tmp_path / "corpus")
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "corpus"))
-    documents = data_sources.local_documents(cfg)
+    documents = local_text.local_documents(cfg)
     assert len(documents) == 45  # 30 paragraphs + 15 JSON lines; the .csv is ignored
     assert documents[0].startswith("Paragraph 0") and documents[-1] == "JSON document number 14."
     valid = list(data_sources.SOURCES["local_text"].load(cfg, "validation")["text"])
@@ -295,16 +295,16 @@ def test_local_text_single_file_is_cut_at_the_held_out_share(tmp_path, gpt2, min
 
 
 def test_held_out_documents_are_spread_evenly_and_take_the_share():
-    flags = data_sources.held_out([100] * 100, 0.05)
+    flags = local_text.held_out([100] * 100, 0.05)
     assert [i for i, f in enumerate(flags) if f] == [10, 30, 50, 70, 90]
     lengths = [(i * 37) % 500 + 20 for i in range(400)]  # uneven documents
-    flags = data_sources.held_out(lengths, 0.1)
+    flags = local_text.held_out(lengths, 0.1)
     held = [n for n, f in zip(lengths, flags, strict=True) if f]
     assert abs(sum(held) / sum(lengths) - 0.1) < 0.01
     positions = [i for i, f in enumerate(flags) if f]
     assert positions[0] < 40 and positions[-1] > 360  # from every part of the corpus
-    assert data_sources.held_out([5, 5], 0.01) in ([True, False], [False, True])  # >= 1 each
-    assert data_sources.held_out([5, 5], 0.5).count(False) >= 1
+    assert local_text.held_out([5, 5], 0.01) in ([True, False], [False, True])  # >= 1 each
+    assert local_text.held_out([5, 5], 0.5).count(False) >= 1
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_valid_share_is_the_fraction_raised_to_the_minimum_and_capped(
     fraction, min_chars, total, share
 ):
     cfg = OmegaConf.create({"valid_fraction": fraction, "valid_min_chars": min_chars})
-    assert data_sources.valid_share(cfg, total) == pytest.approx(share)
+    assert local_text.valid_share(cfg, total) == pytest.approx(share)
 
 
 def test_changing_the_held_out_rule_changes_the_cache_key(tmp_path):
@@ -365,7 +365,7 @@ def test_bad_data_files_are_one_line_naming_file_and_line(tmp_path, name):
     (folder / name).write_bytes(content)
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(folder))
     with pytest.raises(DataUnavailableError) as err:
-        data_sources.local_documents(cfg)
+        local_text.local_documents(cfg)
     assert message in str(err.value) and str(folder / name) in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -373,7 +373,7 @@ def test_bad_data_files_are_one_line_naming_file_and_line(tmp_path, name):
 def test_a_one_byte_file_is_a_document_or_nothing_but_never_a_crash(tmp_path):
     (tmp_path / "one.txt").write_text("x")
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(tmp_path / "one.txt"))
-    assert data_sources.local_documents(cfg) == ["x"]
+    assert local_text.local_documents(cfg) == ["x"]
 
 
 def test_symlinked_folders_inside_the_corpus_are_followed_once(tmp_path):
@@ -387,7 +387,7 @@ def test_symlinked_folders_inside_the_corpus_are_followed_once(tmp_path):
     (corpus / "linked").symlink_to(real, target_is_directory=True)
     (real / "loop").symlink_to(corpus, target_is_directory=True)  # a cycle ends
     cfg = data_cfg("local_text", tmp_path / "cache", path=str(corpus))
-    documents = data_sources.local_documents(cfg)
+    documents = local_text.local_documents(cfg)
     assert sorted(documents) == sorted(
         ["The corpus's own document."] + [f"Document {i}." for i in range(10)]
     )

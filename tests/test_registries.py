@@ -26,6 +26,26 @@ def test_the_validators_choices_are_the_registries():
     assert {p.family for p in predictors.PREDICTORS.values()} <= families
 
 
+def test_the_other_name_maps_match_their_choice_lists_and_config_groups():
+    """config_check loads before torch, so these lists are written out: they must stay
+    the name maps the code builds from."""
+    from pathlib import Path
+
+    import noise_schedule
+    from config_check import CHOICES
+    from data import sources
+
+    assert CHOICES["noise.type"] == list(noise_schedule.SCHEDULES)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for group in root.joinpath("noise").glob("*.yaml"):  # every noise group names a schedule
+        assert group.read_text().split("type:")[1].split()[0] in noise_schedule.SCHEDULES
+    for group in root.joinpath("data").glob("*.yaml"):  # every text data group has a source
+        text = group.read_text()
+        if "kind:" not in text:
+            for key in ("train:", "valid:"):
+                assert text.split(key)[1].split()[0] in sources.SOURCES, (group.name, key)
+
+
 @pytest.mark.parametrize(
     "overrides,name,bound",
     [
