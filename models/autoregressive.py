@@ -14,7 +14,7 @@ from models.dit import GELU, EmbeddingLayer, LayerNorm, round_up
 
 
 class CausalBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, mlp_ratio=4, dropout=0.0, gelu="auto"):
+    def __init__(self, dim: int, n_heads: int, *, gelu: str, mlp_ratio=4, dropout=0.0):
         super().__init__()
         self.n_heads = n_heads
         self.norm1 = LayerNorm(dim)
@@ -42,13 +42,11 @@ class AR(nn.Module):
     def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
         super().__init__()
         self.vocab_size = vocab_size
-        rows = round_up(vocab_size, cfg.get("vocab_multiple", 1))  # padding ids: see models.dit
+        rows = round_up(vocab_size, cfg.vocab_multiple)  # padding ids: see models.dit
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, rows)
         self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
         self.blocks = nn.ModuleList(
-            CausalBlock(
-                cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout, gelu=cfg.get("gelu", "auto")
-            )
+            CausalBlock(cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout, gelu=cfg.gelu)
             for _ in range(cfg.n_blocks)
         )
         self.norm_final = LayerNorm(cfg.hidden_size)

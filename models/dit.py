@@ -107,7 +107,7 @@ class DDiTBlock(nn.Module):
     """Pre-LN transformer block with AdaLN-zero shift/scale/gate for attention and MLP."""
 
     def __init__(
-        self, dim: int, n_heads: int, cond_dim: int, mlp_ratio=4, dropout=0.0, gelu="auto"
+        self, dim: int, n_heads: int, cond_dim: int, *, gelu: str, mlp_ratio=4, dropout=0.0
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -173,8 +173,8 @@ class DIT(nn.Module):
         gelu: str | None = None,
     ):
         super().__init__()
-        gelu = cfg.get("gelu", "auto") if gelu is None else gelu
-        multiple = cfg.get("vocab_multiple", 1) if vocab_multiple is None else vocab_multiple
+        gelu = cfg.gelu if gelu is None else gelu  # defaults: configs/model/*.yaml
+        multiple = cfg.vocab_multiple if vocab_multiple is None else vocab_multiple
         rows = round_up(vocab_size, multiple)
         self.vocab_size = vocab_size
         self.cond_dim = cfg.cond_dim
@@ -271,7 +271,7 @@ class InferDIT(DIT):
     """
 
     def __init__(
-        self, enc_cfg: DictConfig, latent_dim: int, latent1d: bool, vocab_size: int, gelu="auto"
+        self, enc_cfg: DictConfig, latent_dim: int, latent1d: bool, vocab_size: int, gelu: str
     ):
         super().__init__(enc_cfg, vocab_size, out_dim=2 * latent_dim, vocab_multiple=1, gelu=gelu)
         self.mask_struc = enc_cfg.mask_struc

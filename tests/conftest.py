@@ -35,6 +35,8 @@ def model_cfg():
             latentMLP=True,
             latent1d=True,
             latent_struc="adaln",
+            vocab_multiple=1,
+            gelu="auto",
         )
         cfg.update(overrides)
         return OmegaConf.create(cfg)

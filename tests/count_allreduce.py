@@ -30,7 +30,9 @@ def configure_ddp(self, _original=DDPStrategy.configure_ddp):
 
 
 DDPStrategy.configure_ddp = configure_ddp
-atexit.register(lambda: print(f"allreduce calls: {os.environ.get('LOCAL_RANK', 0)} {CALLS[0]}"))
+atexit.register(  # one write: a line of its own even when the ranks exit together
+    lambda: sys.stdout.write(f"allreduce calls: {os.environ.get('LOCAL_RANK', 0)} {CALLS[0]}\n")
+)
 
 if __name__ == "__main__":
     import main

@@ -50,7 +50,8 @@ def gendit_denoiser(seed: int = 0, length: int = 12):
     """A randomly initialised tiny GenDIT: logits depend on the context and on z."""
     cfg = OmegaConf.create(
         dict(hidden_size=16, cond_dim=8, n_heads=2, n_blocks=1, length=length, dropout=0.0,
-             latent_dim=4, latentMLP=True, latent1d=True, latent_struc="adaln")
+             latent_dim=4, latentMLP=True, latent1d=True, latent_struc="adaln",
+             vocab_multiple=1, gelu="auto")
     )  # fmt: skip
     torch.manual_seed(seed)
     net = GenDIT(cfg, V + 1).eval()

@@ -199,7 +199,7 @@ def test_cyclical_beta_follows_fu_et_al(init):
 def test_encoder_head_initialisation(encoder_cfg, vocab, mu_std, log_sigma):
     torch.manual_seed(0)
     cfg = encoder_cfg(mu_init_std=mu_std, init_log_sigma=log_sigma)
-    enc = InferDIT(cfg, 4, True, vocab + 1).eval()
+    enc = InferDIT(cfg, 4, True, vocab + 1, "auto").eval()
     x0 = torch.randint(0, vocab, (16, 8), generator=gen())
     mu, ls = enc(x0, torch.zeros_like(x0, dtype=torch.bool), torch.zeros(16))
     torch.testing.assert_close(ls, torch.full_like(ls, log_sigma))

@@ -140,7 +140,7 @@ def test_padding_keys_are_ignored(model_cfg, encoder_cfg, randomize, vocab):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (unmasked - ref).abs().max() > 1e-3  # the padding would matter without the mask
 
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1).eval()
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto").eval()
     randomize(enc)
     vis = torch.rand(2, L) < 0.5
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_padding_keys_are_ignored(model_cfg, encoder_cfg, randomize, vocab):
 @pytest.mark.parametrize("mask_struc", ["adaln", "none"])
 def test_inferdit_shapes_and_zero_init_head(encoder_cfg, latent1d, mask_struc, vocab):
     torch.manual_seed(5)
-    enc = InferDIT(encoder_cfg(mask_struc), 4, latent1d, vocab + 1)
+    enc = InferDIT(encoder_cfg(mask_struc), 4, latent1d, vocab + 1, "auto")
     x0 = tokens(vocab - 1)
     vis = torch.rand(B, L) < 0.5
     mu, log_sigma = enc(x0, vis, zeros())
@@ -169,9 +169,9 @@ def test_inferdit_shapes_and_zero_init_head(encoder_cfg, latent1d, mask_struc, v
 
 def test_inferdit_pools_per_position_outputs(encoder_cfg, randomize, vocab):
     torch.manual_seed(6)
-    per_pos = InferDIT(encoder_cfg(), 4, False, vocab + 1).eval()
+    per_pos = InferDIT(encoder_cfg(), 4, False, vocab + 1, "auto").eval()
     randomize(per_pos)
-    pooled = InferDIT(encoder_cfg(), 4, True, vocab + 1).eval()
+    pooled = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto").eval()
     pooled.load_state_dict(per_pos.state_dict())
     x0, vis = tokens(vocab - 1), torch.rand(B, L) < 0.5
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_inferdit_pools_per_position_outputs(encoder_cfg, randomize, vocab):
 @pytest.mark.parametrize("mask_struc", ["adaln", "none"])
 def test_inferdit_visibility_dependence(encoder_cfg, randomize, mask_struc, vocab):
     torch.manual_seed(7)
-    enc = InferDIT(encoder_cfg(mask_struc), 4, True, vocab + 1).eval()
+    enc = InferDIT(encoder_cfg(mask_struc), 4, True, vocab + 1, "auto").eval()
     randomize(enc)
     x0 = tokens(vocab - 1)
     vis1 = torch.rand(B, L) < 0.5
@@ -200,7 +200,7 @@ def test_inferdit_visibility_dependence(encoder_cfg, randomize, mask_struc, voca
 
 def test_inferdit_and_gendit_share_no_parameters(model_cfg, encoder_cfg, vocab):
     gen = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1)
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
     gen_ids = {id(p) for p in gen.parameters()}
     assert not any(id(p) in gen_ids for p in enc.parameters())
 
@@ -220,7 +220,7 @@ def test_vae_loss_gradients_reach_both_networks(
     """
     torch.manual_seed(8)
     dec = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1)
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
     if randomized:
         randomize(dec)
         randomize(enc)
@@ -252,7 +252,17 @@ def test_vae_loss_gradients_reach_both_networks(
 
 
 def ar_cfg():
-    return OmegaConf.create(dict(hidden_size=16, n_heads=2, n_blocks=2, dropout=0.0, length=L))
+    return OmegaConf.create(
+        dict(
+            hidden_size=16,
+            n_heads=2,
+            n_blocks=2,
+            dropout=0.0,
+            length=L,
+            vocab_multiple=1,
+            gelu="auto",
+        )
+    )
 
 
 def test_ar_is_causal(randomize, vocab):
@@ -352,7 +362,7 @@ def test_vae_loss_untrained_decoder_costs_log_v_per_masked_token(
     """
     torch.manual_seed(12)
     dec = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1)
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
     randomize(enc)
     spec = objectives.DiffusionSpec(noise=LogLinear(eps=0.0), mask_id=vocab, vocab_size=vocab)
     x0 = torch.randint(0, vocab, (2, L))
@@ -369,7 +379,7 @@ def test_vae_loss_k1_wiring_is_the_delbo(model_cfg, encoder_cfg, randomize, voca
     """K = 1, kl_weighting=time, loglinear at t = 0.5: per_seq = w (-recon + kl), w = 1/t = 2."""
     torch.manual_seed(13)
     dec = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1)
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
     randomize(dec)
     randomize(enc)
     spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=vocab, vocab_size=vocab)
@@ -388,7 +398,7 @@ def test_vae_loss_stats_are_finite_for_a_single_sequence(model_cfg, encoder_cfg,
     """
     torch.manual_seed(14)
     dec = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1)
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
     spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=vocab, vocab_size=vocab)
     x0 = torch.randint(0, vocab, (1, L))
     out = objectives.vae_loss(dec, enc, x0, None, torch.full((1,), 0.5), spec)

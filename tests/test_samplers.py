@@ -197,6 +197,8 @@ def gendit_denoiser(seed=0):
             latentMLP=True,
             latent1d=True,
             latent_struc="adaln",
+            vocab_multiple=1,
+            gelu="auto",
         )
     )
     torch.manual_seed(seed)
