@@ -405,3 +405,23 @@ def test_vae_loss_stats_are_finite_for_a_single_sequence(model_cfg, encoder_cfg,
     for name, value in out.stats.items():
         assert torch.isfinite(value).all(), name
     assert torch.isfinite(out.loss)
+
+
+def test_the_networks_provide_what_the_protocols_name(model_cfg, encoder_cfg, vocab):
+    """models/protocols.py: blocks for compile, the forward signatures, latent_map."""
+    import inspect
+
+    from models.protocols import CausalLM, Denoiser, Encoder
+
+    dit, gen = DIT(model_cfg(), vocab + 1), GenDIT(model_cfg(), vocab + 1)
+    enc, ar = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto"), AR(ar_cfg(), vocab + 1)
+    assert isinstance(dit, Denoiser) and isinstance(gen, Denoiser) and hasattr(gen, "latent_map")
+    assert isinstance(enc, Encoder) and isinstance(ar, CausalLM)
+    for net in (dit, gen):
+        params = inspect.signature(net.forward).parameters
+        assert {"xt", "sigma", "key_mask", "out_mask", "fp32_logits"} <= set(params)
+    assert list(inspect.signature(enc.forward).parameters)[:3] == ["x0", "visible", "sigma"]
+    assert {"out_mask", "fp32_logits"} <= set(inspect.signature(ar.forward).parameters)
+    assert {"vocab_embed", "sigma_map", "blocks", "output_layer"} <= {
+        n for n, _ in dit.named_children()
+    }
