@@ -93,7 +93,7 @@ def get_dataset(
     split = SPLITS[split]
     if grid_data.is_grid_data(data_cfg):  # checkerboard, images: fixed rows, no tokenizer
         return grid_data.get_dataset(data_cfg, split, length)
-    if data_cfg.get("kind") == "set":  # a known finite set of sequences (data/text_set.py)
+    if data_cfg.kind == "set":  # a known finite set of sequences (data/text_set.py)
         return text_set.get_dataset(data_cfg, tokenizer, split, length)
     name = str(data_cfg.train if split == "train" else data_cfg.valid)
     source = get_source(name)

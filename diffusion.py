@@ -320,7 +320,7 @@ class Diffusion(L.LightningModule):
                 self._latent_stats, self.trainer.strategy, rows, self.cfg.seed
             )
             self.results.update(summary)
-        if self.cfg.data.get("kind") == "image":  # one token per pixel value: bits per dim
+        if self.cfg.data.kind == "image":  # one token per pixel value: bits per dim
             self.results["bits_per_dim"] = self.results["bpd"]
         if not self.trainer.sanity_checking:
             logged = {

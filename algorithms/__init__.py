@@ -227,7 +227,7 @@ class AR(Algorithm):
 
     @classmethod
     def validate(cls, cfg):
-        kind = cfg.data.get("kind", "text")
+        kind = cfg.data.kind
         if kind == "set":
             raise ConfigError(
                 f"data={cfg.data.name} rows have no BOS for backbone=ar to start from: use "

@@ -19,8 +19,15 @@ LOCAL_FOLDERS = {
 
 def data_kind(cfg: DictConfig) -> str:
     """text (tokenised corpora), grid (the checkerboard), image (MNIST, CIFAR-10) or set
-    (a known finite set of text sequences, data/text_set.py)."""
-    return cfg.data.get("kind", "text")
+    (a known finite set of text sequences, data/text_set.py). The data group says which:
+    the rest of the code reads data.kind without a default."""
+    kind = cfg.data.get("kind")
+    if kind is None:
+        raise ConfigError(
+            f"data={cfg.data.get('name')} has no data.kind: add 'kind: text' (or grid, image, "
+            "set) to its file in configs/data/"
+        )
+    return kind
 
 
 def _check_data(cfg):

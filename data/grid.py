@@ -29,7 +29,7 @@ KINDS = ("grid", "image")
 
 
 def is_grid_data(data_cfg: DictConfig) -> bool:
-    return data_cfg.get("kind", "text") in KINDS
+    return data_cfg.kind in KINDS
 
 
 class TokenRows(torch.utils.data.Dataset):

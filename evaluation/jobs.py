@@ -83,7 +83,7 @@ def run_ppl_eval(
 
 def _describe_split(cfg: DictConfig) -> dict | None:
     """How the evaluation rows were held out (text data; None for grid / set data)."""
-    if cfg.data.get("kind", "text") != "text":
+    if cfg.data.kind != "text":
         return None
     from data import sources as data_sources
 
@@ -156,7 +156,7 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
         scores = grid_data.score_samples(cfg.data, tokens, out)
     else:
         scores = score_samples(cfg, tokens, tokenizer, module.device)
-        if cfg.data.get("kind") == "set":  # exact precision / coverage against the known set
+        if cfg.data.kind == "set":  # exact precision / coverage against the known set
             scores.update(text_set.score_samples(cfg.data, tokens, tokenizer))
     results = {
         "mode": "sample_eval",

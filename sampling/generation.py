@@ -99,9 +99,9 @@ def conditioning_from_text(
 def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
     """(BOS at 0, EOS at L-1) that every training row holds, for sampling.frame=auto; None
     when nothing is fixed (frame=none, grid / image data, the AR baseline)."""
-    if cfg.sampling.get("frame", "none") != "auto" or algorithm_class(cfg).family == "ar":
+    if cfg.sampling.frame != "auto" or algorithm_class(cfg).family == "ar":
         return None  # the AR sampler opens every row with BOS itself
-    kind = cfg.data.get("kind", "text")
+    kind = cfg.data.kind
     if kind == "set":  # data/text_set.py: BOS + the verse opening
         return True, False
     if kind != "text" or tokenizer.bos_token_id is None:
@@ -118,7 +118,7 @@ def conditioning_from_config(
     gets the same frame when sampling.frame=auto (frame_positions)."""
     s, length = cfg.sampling, int(cfg.model.length)
     record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template,
-              "frame": s.get("frame", "none")}  # fmt: skip
+              "frame": s.frame}  # fmt: skip
     x_init = None
     if s.prefix or s.suffix or s.template:
         x_init = conditioning_from_text(

@@ -138,3 +138,18 @@ def test_a_name_cannot_be_registered_twice():
         algorithms.register(Other)
     with pytest.raises(ValueError, match="registered already"):
         predictors.register(predictors.Predictor("vae", fill_greedily))
+
+
+def test_every_data_group_says_its_kind_and_a_group_without_one_is_one_line(tmp_path):
+    """data.kind has one home, the data group: the code reads it without a default."""
+    from pathlib import Path
+
+    from omegaconf import open_dict
+
+    for group in (Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml"):
+        assert "\nkind: " in group.read_text(), group.name
+    cfg = make_cfg(tmp_path)
+    with open_dict(cfg):
+        del cfg.data["kind"]  # a user's group written before data.kind existed
+    with pytest.raises(ConfigError, match="data=bible has no data.kind: add 'kind: text'"):
+        validate_config(cfg)
