@@ -105,18 +105,15 @@ def get_dataset(
     key = digest([key, tokenizer_fingerprint(tokenizer), dataclasses.astuple(framing)])
     label = f"{name}_{split}_{slug(tokenizer.name_or_path)}_L{length}"
     path = cache_path(data_cfg, "datasets", f"{label}_{'wrap' if framing.wrap else 'pad'}_{key}")
-    for attempt in range(2):
-        if not exists(path):
-            raw = source.load(data_cfg, split)
-            _build(raw, tokenizer, framing, detokenizer, path, desc=f"tokenizing {name} {split}")
+    if exists(path):
         try:
             return _load_rows(path)
         except Exception as err:  # truncated Arrow file, lost state.json, fewer rows, ...
-            if attempt:
-                raise
             print(f"[vadd] the cached rows {path} are damaged ({first_line(err)}): rebuilding")
             remove_tree(path)
-    raise AssertionError("unreachable")
+    raw = source.load(data_cfg, split)
+    _build(raw, tokenizer, framing, detokenizer, path, desc=f"tokenizing {name} {split}")
+    return _load_rows(path)
 
 
 ROWS_FILE = "vadd_rows.json"  # the row count, written last: a cache without it is partial
