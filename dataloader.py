@@ -38,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import utils
 from data import grid as grid_data
 from data import text_set
 from data.cache import (
@@ -99,7 +100,7 @@ def get_dataset(
     source = get_source(name)
     detokenizer = detokenizer_for(data_cfg, source)
     framing = _framing(data_cfg, split, length, detokenizer)
-    if data_cfg.get("streaming", False):
+    if data_cfg.streaming:
         return _tokenize(source.load(data_cfg, split), tokenizer, framing, detokenizer)
     key = digest([PIPELINE_VERSION, name, split, source.fingerprint(data_cfg)])
     key = digest([key, tokenizer_fingerprint(tokenizer), dataclasses.astuple(framing)])
@@ -364,7 +365,7 @@ class RankShard(torch.utils.data.IterableDataset):
         self.dataset = dataset
 
     def __iter__(self):
-        rank, world = ResumableSampler._rank_world()
+        rank, world = utils.rank_world()
         if world == 1:
             return iter(self.dataset)
         return iter(split_dataset_by_node(self.dataset, rank=rank, world_size=world))

@@ -106,10 +106,9 @@ class Diffusion(L.LightningModule):
     # ---------------------------------------------------------------- objectives
     def beta(self) -> float:
         t = self.cfg.training
-        step = max(0, self.global_step - t.kl_hold_steps)  # held at init first
         return losses.kl_beta(
-            step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval,
-            cycles=t.kl_cycles, ramp=t.kl_cycle_ramp,
+            self.global_step, t.loss_strategy, t.init_kl_weight, t.kl_weight_interval,
+            cycles=t.kl_cycles, ramp=t.kl_cycle_ramp, hold=t.kl_hold_steps,
         )  # fmt: skip
 
     def draw_t(self, n: int, seed: int, micro: int = 0, accumulate: int | None = None):
@@ -117,8 +116,7 @@ class Diffusion(L.LightningModule):
         Validation passes accumulate=1: its batch is not an accumulation window, and the
         strata must cover [eps, 1] within it (else t would lie in 1/accumulate of it)."""
         accumulate = self.accumulate if accumulate is None else accumulate
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.global_rank if self._trainer is not None else 0
+        rank, world = utils.rank_world()
         gen = torch.Generator().manual_seed(seed)
         t = losses.sample_t(
             n,
@@ -135,8 +133,7 @@ class Diffusion(L.LightningModule):
         """Mask uniforms (and latent noise) for the whole global batch, drawn from the step's
         seed on this device, sliced to this micro-batch: the same rows get the same noise
         whatever the number of devices or accumulation steps."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.global_rank if self._trainer is not None else 0
+        rank, world = utils.rank_world()
         rows = n * world * self.accumulate
         first = (micro * world + rank) * n
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -219,7 +216,7 @@ class Diffusion(L.LightningModule):
     def _freeze_decoder_trunk(self):
         """training.freeze_decoder_steps=N: for the first N optimiser steps GenDIT's trunk
         (all but latent_map) gets no gradient, so AdamW skips it (warm start, README)."""
-        if self.global_step < self.cfg.training.get("freeze_decoder_steps", 0):
+        if self.global_step < self.cfg.training.freeze_decoder_steps:
             for p in interchange.trunk_parameters(self.backbone):
                 p.grad = None
 

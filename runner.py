@@ -68,7 +68,7 @@ def _strategy(cfg: DictConfig):
     if name == "fsdp" and cfg.mode == "train":
         return sharding.fsdp_strategy()
     if name in ("ddp", "fsdp"):
-        return DDPStrategy(find_unused_parameters=cfg.strategy.get("find_unused_parameters", False))
+        return DDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters)
     return "auto"
 
 

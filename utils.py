@@ -33,7 +33,7 @@ def build_lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig, max_steps: i
         if step < warmup:
             return (step + 1) / max(1, warmup)
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        floor = cfg.get("min_lr_ratio", 0.0)
+        floor = cfg.min_lr_ratio
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     schedules = {"constant_warmup": constant, "cosine_decay_warmup": cosine}
@@ -130,6 +130,14 @@ def summarise_eval(sums: dict[str, torch.Tensor], draws: int) -> dict:
 
 # ---------------------------------------------------------------- I/O
 @rank_zero_only
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without an initialised process group."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def print0(*args, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 

@@ -53,6 +53,13 @@ class Algorithm:
         """Further per-batch sums for validation (name -> tensor summed over rows)."""
         return {}
 
+    def latent_shape(self, length: int) -> tuple[int, ...] | None:
+        """Shape of one sequence's z for rows of `length` tokens; None without a latent."""
+        if not self.uses_latent:
+            return None
+        d = self.cfg.model.latent_dim
+        return (d,) if self.cfg.model.latent1d else (length, d)  # one z per position
+
     def time_desc(self) -> str:
         return "continuous time" if self.cfg.T == 0 else f"T={self.cfg.T} steps"
 
@@ -147,7 +154,8 @@ class VADD(Algorithm):
                 f"({m.latent_dim}) must equal model.cond_dim ({m.cond_dim}): set "
                 f"model.latentMLP=True or model.latent_dim={m.cond_dim}"
             )
-        for key in ("hidden_size", "n_heads", "n_blocks", "cond_dim"):
+        sizes = ("hidden_size", "n_blocks")  # the toy MLP encoder has no heads, no AdaLN
+        for key in sizes if m.type == "toy_mlp" else (*sizes, "n_heads", "cond_dim"):
             value = cfg.decoder.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"decoder.{key}={value!r} must be a positive integer")
@@ -191,8 +199,7 @@ class VADD(Algorithm):
         from algorithms import objectives
 
         x0 = batch["input_ids"]
-        d = self.cfg.model.latent_dim
-        shape = (d,) if self.cfg.model.latent1d else (x0.shape[1], d)
+        shape = self.latent_shape(x0.shape[1])
         prior = objectives.vae_prior_nelbo(
             module.backbone, x0, key_mask(batch), t, module.spec, shape
         )

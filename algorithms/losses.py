@@ -244,8 +244,12 @@ def kl_beta(
     interval: int,
     cycles: int = 1,
     ramp: float = 1.0,
+    hold: int = 0,
 ) -> float:
     """The KL weight beta at optimiser step `step` (training only; bounds use beta = 1).
+
+    hold: beta stays at init_kl_weight for the first `hold` steps (z becomes useful before
+    the KL pulls r to the prior); the schedule below starts after them.
 
     klweight: rises linearly from init_kl_weight to 1 over `interval` steps, then stays 1.
     cyclical (Fu et al. 2019): `cycles` cycles of `interval` steps; in each, beta rises
@@ -254,6 +258,7 @@ def kl_beta(
     """
     if strategy == "none" or interval <= 0:
         return 1.0
+    step = max(0, step - hold)
     if strategy == "cyclical":
         if step >= cycles * interval:
             return 1.0

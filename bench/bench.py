@@ -332,7 +332,7 @@ def bench_loss_type(args, loss_type: str, tokenizer_cache: dict, peak_tflops: fl
             "shapes": shapes(cfg, module, args),
             "params": params(module),
             "precision": str(trainer.precision),
-            "compile": bool(cfg.model.get("compile", False)),
+            "compile": bool(cfg.model.compile),
             "train": bench_train(cfg, module, trainer, timer, args, flops["train"], peak_tflops),
             "ppl_eval": bench_ppl_eval(
                 cfg, module, trainer, timer, args, flops["ppl_eval"], peak_tflops

@@ -6,10 +6,11 @@ an old commit and this checkout), are pinned to the same core and take turns: on
 training step of A, one of B, alternating which goes first. Drift hits both alike, and
 the median of the per-pair time ratios A/B is the speed-up of B.
 
-A step is what `Diffusion.training_step` does without Lightning: the loss under the
-tree's default precision (its own `trainer.precision=auto` rule), backward, gradient
-clipping at 1.0, the tree's own optimizer (`configure_optimizers`), the EMA update.
-Random token batches as in bench.py. CPU only.
+A step is the tree's own `Diffusion.training_step`, run by a Lightning Trainer under the
+tree's default precision (its `trainer.precision=auto` rule): loss, backward, clipping,
+the optimizer and scheduler steps, the EMA update, its logging calls. The time is the
+thread time between the batch-start and batch-end hooks. Random token batches as in
+bench.py, one optimizer step per batch. CPU only.
 
     git worktree add /tmp/base c77b3aa
     python bench/lockstep.py /tmp/base . --loss-type vae --steps 30 -- model=cpu
@@ -27,39 +28,43 @@ import os, sys, time, torch
 sys.path.insert(0, os.getcwd())
 torch.set_num_threads(1)
 from pathlib import Path
+import lightning as L
 from hydra import compose, initialize_config_dir
 import dataloader, runner
 loss_type, batch, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 with initialize_config_dir(config_dir=str(Path("configs").resolve()), version_base=None):
     cfg = compose("config", overrides=[
         "checkpointing.save_dir=/tmp/lockstep", "eval.output_dir=/tmp/lockstep",
-        f"training.loss_type={loss_type}", *overrides])
+        f"training.loss_type={loss_type}", f"loader.global_batch_size={batch}", *overrides])
 runner.derive_batch_sizes(cfg, 1)
 torch.manual_seed(0)
 module = runner.build_module(cfg, dataloader.get_tokenizer(cfg.data))
-opt = module.configure_optimizers()["optimizer"]
 if hasattr(runner, "resolve_precision"):
     precision = runner.resolve_precision(cfg.trainer.precision, "cpu")
 else:  # older trees: auto meant float32 on CPU
     precision = "32-true" if cfg.trainer.precision == "auto" else str(cfg.trainer.precision)
-x = torch.randint(0, module.vocab.size, (batch, int(cfg.model.length)))
-data = {"input_ids": x, "attention_mask": torch.ones_like(x)}
-params = module.trainable_parameters()
-def step():
-    t = torch.rand(batch)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-        out = module.compute_loss(data, t, 1.0, 1, None)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if module.ema is not None:
-        module.ema.update(params)
-print("ready", precision, int(cfg.model.length), flush=True)
-for _ in sys.stdin:
-    start = time.thread_time()
-    step()
-    print(time.thread_time() - start, flush=True)
+length = int(cfg.model.length)
+
+class Rows(torch.utils.data.IterableDataset):  # random token batches, as bench.py
+    def __iter__(self):
+        while True:
+            x = torch.randint(0, module.vocab.size, (batch, length))
+            yield {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+class Pace(L.Callback):  # one step per line on stdin; its thread time on stdout
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not sys.stdin.readline():
+            raise SystemExit(0)
+        self.start = time.thread_time()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(time.thread_time() - self.start, flush=True)
+
+trainer = L.Trainer(
+    accelerator="cpu", devices=1, precision=precision, max_steps=10**9, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Pace()])
+print("ready", precision, length, flush=True)
+trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Rows(), batch_size=None))
 """
 
 
@@ -73,8 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--core", default="0", help="the CPU core both workers share")
     p.add_argument("--out", help="JSON path for the per-step times and the summary")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for both trees (after --)")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the Hydra overrides follow `--` (argparse would not take them after the two trees)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.overrides = argv[cut + 1 :]
+    return args
 
 
 def start_worker(tree: str, args) -> tuple[subprocess.Popen, str]:

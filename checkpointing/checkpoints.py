@@ -9,7 +9,7 @@ from torch import nn
 import utils
 from algorithms import algorithm_class
 from checkpointing.folders import read_export
-from errors import CheckpointError, VaddError  # noqa: F401  (CheckpointError: re-exported)
+from errors import CheckpointError, VaddError, missing_path  # noqa: F401  (CheckpointError: re-exported)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,9 +31,7 @@ def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
     """
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
-        raise CheckpointError(
-            f"{key}={path} does not exist: pass the path of a .ckpt file or an exported folder"
-        )
+        raise missing_path(key, path, CheckpointError)
     if fs.isdir(p):
         return read_export(path)
     try:
@@ -140,7 +138,7 @@ def _check_same_process(cfg, saved: dict | None, path: str) -> None:
     before = {"time_conditioning": saved.get("time_conditioning")}
     before.update({f"noise.{k}": v for k, v in saved.get("noise", {}).items()})
     if algorithm_class(cfg).uses_latent and "decoder" in saved:  # how r is read off r's head
-        current["decoder.fade_to_prior"] = bool(cfg.decoder.get("fade_to_prior", False))
+        current["decoder.fade_to_prior"] = bool(cfg.decoder.fade_to_prior)
         before["decoder.fade_to_prior"] = bool(saved["decoder"].get("fade_to_prior", False))
     for key, value in current.items():
         if key in before and before[key] != value:

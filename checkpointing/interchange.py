@@ -25,7 +25,7 @@ import utils
 from algorithms import algorithm_class
 from checkpointing.checkpoints import read_checkpoint
 from checkpointing.folders import FORMAT_VERSION, read_folder_weights, read_json
-from errors import CheckpointError
+from errors import CheckpointError, missing_path
 from models.ema import ExponentialMovingAverage
 
 NETWORKS = ("backbone.", "encoder.")
@@ -48,10 +48,7 @@ def read_source(path: str, use_ema: bool) -> Source:
     """The weights of a `.ckpt` or a folder, EMA or raw (a folder holds one set)."""
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
-        raise CheckpointError(
-            f"model.init_from={path} does not exist: pass an MDLM or vadd .ckpt, or a folder "
-            "with config.json and model.safetensors"
-        )
+        raise missing_path("model.init_from", path, CheckpointError)
     if fs.isdir(p):
         return _read_folder_source(path)
     ckpt = read_checkpoint(path, key="model.init_from")
@@ -279,7 +276,8 @@ def _write_model_card(out: str, config: dict, num_params: int) -> None:
         "",
         f"- weights: {config['weights']}, after {config['global_step']} optimiser steps",
         f"- parameters: {num_params:,}; hidden {m['hidden_size']}, {m['n_blocks']} blocks, "
-        f"{m['n_heads']} heads, length {m['length']}",
+        + (f"{m['n_heads']} heads, " if "n_heads" in m else "")  # the toy MLP has none
+        + f"length {m['length']}",
         f"- data: {cfg['data']['name']}; vocabulary {config['vocab']['size']} tokens + [MASK]",
         f"- tokenizer: {(config['tokenizer'] or {}).get('name', 'from the data config')}",
         "",

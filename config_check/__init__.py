@@ -19,6 +19,7 @@ from config_check.model_rules import (
 )
 from config_check.run_rules import (
     _check_eval,
+    _check_group_selection,
     _check_resume,
     _check_sampling,
     _check_sampling_keys,
@@ -79,10 +80,8 @@ RANGES = {
     "T": (0, None, True),
     "model.length": (2, None, True),
     "model.hidden_size": (1, None, True),
-    "model.n_heads": (1, None, True),
     "model.n_blocks": (1, None, True),
     "model.cond_dim": (1, None, True),
-    "model.dropout": (0.0, 1.0, False),
     "training.num_particles": (1, None, True),
     "training.encoder_training_times": (1, None, True),
     "training.init_kl_weight": (0.0, 1.0, False),
@@ -130,6 +129,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, (lo, hi, integer) in RANGES.items():
         _check_range(cfg, key, lo, hi, integer)
     rules = (
+        _check_group_selection,
         _check_booleans,
         _check_sizes_and_paths,
         _check_data,

@@ -34,7 +34,7 @@ def _check_data(cfg):
     kind = data_kind(cfg)
     if kind not in DATA_KINDS:
         raise ConfigError(f"data.kind={kind!r} is not one of {DATA_KINDS}")
-    if cfg.model.get("type") == "toy_mlp":
+    if cfg.model.type == "toy_mlp":
         _check_toy_mlp(cfg, kind)
     if kind == "text":
         if cfg.data.get("valid") == "local_text":

@@ -6,7 +6,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 import algorithms
-from config_check.values import _get
+from config_check.values import _check_range, _get
 from errors import ConfigError
 
 
@@ -28,10 +28,18 @@ def _check_algorithm(cfg):
     algorithms.algorithm_class(cfg).validate(cfg)
 
 
+# Keys only the attention networks read (models/dit.py, models/autoregressive.py): the
+# toy MLP's groups (model=toy_mlp) do not carry them.
+ATTENTION_RANGES = {"n_heads": (1, None, True), "dropout": (0.0, 1.0, False)}
+
+
 def _check_model_shape(cfg):
-    _check_heads("model", cfg.model)
-    if algorithms.algorithm_class(cfg).uses_latent:
-        _check_heads("decoder", cfg.decoder)
+    if cfg.model.type != "toy_mlp":
+        for key, (lo, hi, integer) in ATTENTION_RANGES.items():
+            _check_range(cfg, f"model.{key}", lo, hi, integer)
+        _check_heads("model", cfg.model)
+        if algorithms.algorithm_class(cfg).uses_latent:
+            _check_heads("decoder", cfg.decoder)
     _check_memory(cfg)
 
 
@@ -67,7 +75,7 @@ def _check_memory(cfg):
     AdamW moments (16 bytes a parameter; weights and EMA, 8, to evaluate) exceed the
     memory of this machine."""
     total = _memory_bytes()
-    if total is None or cfg.model.get("type") == "toy_mlp":
+    if total is None or cfg.model.type == "toy_mlp":
         return
     terms = _parameter_estimate(cfg)
     params = sum(terms.values())

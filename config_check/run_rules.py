@@ -6,12 +6,33 @@ import os
 from omegaconf import OmegaConf
 
 import algorithms
-from config_check.values import _get
-from errors import ConfigError
+from config_check.model_rules import CONFIG_DIR
+from config_check.values import _get, optional
+from errors import ConfigError, missing_path
 from sampling import predictors
 
 # precisions Lightning's ModelParallelStrategy (strategy=fsdp) accepts, besides auto
 FSDP_PRECISIONS = ["auto", "32-true", "32", "bf16-mixed", "bf16-true"]
+
+
+# Groups whose file is chosen by one key inside it: `noise=linear` selects the file and its
+# keys; `noise.type=linear` alone changes the name and keeps the old group's keys.
+GROUP_SELECTORS = {"noise": "type", "lr_scheduler": "name", "strategy": "name"}
+
+
+def _check_group_selection(cfg):
+    for group, key in GROUP_SELECTORS.items():
+        name = cfg[group][key]
+        path = os.path.join(CONFIG_DIR, group, f"{name}.yaml")
+        if not os.path.isfile(path):
+            continue  # the choice check names the valid values
+        missing = sorted(set(OmegaConf.load(path)) - set(cfg[group]))
+        if missing:
+            raise ConfigError(
+                f"{group}.{key}={name} keeps the keys of another {group} group and lacks "
+                f"{', '.join(f'{group}.{m}' for m in missing)}: select the group with "
+                f"{group}={name} instead"
+            )
 
 
 def _check_strategy(cfg):
@@ -36,10 +57,7 @@ def _check_eval(cfg):
         )
     path = str(cfg.eval.checkpoint_path)
     if cfg.mode != "train" and "://" not in path and not os.path.exists(path):
-        raise ConfigError(
-            f"eval.checkpoint_path={path} does not exist: pass the path of a .ckpt file "
-            "or of a folder written by scripts/export.py"
-        )
+        raise missing_path("eval.checkpoint_path", path)
     limit = cfg.eval.get("limit_batches")
     ok = limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
     if not ok and not (isinstance(limit, float) and 0.0 < limit <= 1.0):
@@ -47,7 +65,7 @@ def _check_eval(cfg):
             f"eval.limit_batches={limit!r} must be null (the whole split), a number of "
             "batches >= 1, or a fraction in (0, 1]"
         )
-    times = cfg.eval.get("ppl_times", 1)
+    times = optional(cfg, "eval.ppl_times")
     if not isinstance(times, int) or isinstance(times, bool) or times < 1:
         raise ConfigError(f"eval.ppl_times={times!r} must be an integer >= 1")
 
@@ -56,10 +74,7 @@ def _check_warm_start(cfg):
     """model.init_from / init_from_ema and training.freeze_decoder_steps (README "Warm start")."""
     path, freeze = _get(cfg, "model.init_from"), _get(cfg, "training.freeze_decoder_steps")
     if path and cfg.mode == "train" and "://" not in str(path) and not os.path.exists(path):
-        raise ConfigError(
-            f"model.init_from={path} does not exist: pass an MDLM or vadd .ckpt, or a folder "
-            "with config.json and model.safetensors"
-        )
+        raise missing_path("model.init_from", path)
     if freeze and not algorithms.algorithm_class(cfg).uses_latent:
         raise ConfigError(
             f"training.freeze_decoder_steps={freeze} trains only GenDIT's latent path and the "
@@ -158,10 +173,7 @@ def _check_resume(cfg):
         return
     path = str(ck.resume_ckpt_path)
     if "://" not in path and not os.path.exists(path):
-        raise ConfigError(
-            f"checkpointing.resume_ckpt_path={path} does not exist: fix the path, or drop it "
-            "to resume from <checkpointing.save_dir>/checkpoints/last.ckpt when that exists"
-        )
+        raise missing_path("checkpointing.resume_ckpt_path", path)
 
 
 def _check_sampling_keys(cfg):

@@ -6,6 +6,16 @@ from omegaconf import OmegaConf
 
 from errors import ConfigError
 
+# Keys config.yaml leaves unset so that the seed command lines' `+key=value` still works
+# (Hydra refuses `+` for a key that exists); their defaults live here, read by optional().
+OPTIONAL_DEFAULTS = {"eval.ppl_times": 1}
+
+
+def optional(cfg, key: str):
+    """The value of an OPTIONAL_DEFAULTS key: the config's when set, else the default."""
+    value = OmegaConf.select(cfg, key, default=None)
+    return OPTIONAL_DEFAULTS[key] if value is None else value
+
 
 def _get(cfg, key):
     return OmegaConf.select(cfg, key, throw_on_missing=False)

@@ -15,7 +15,7 @@ import datasets
 from omegaconf import DictConfig
 
 from data.cache import hash_files
-from errors import DataUnavailableError
+from errors import DataUnavailableError, missing_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -28,9 +28,7 @@ def _local_root(data_cfg: DictConfig) -> Path:
         )
     path = Path(str(raw)).expanduser()
     if not path.exists():
-        raise DataUnavailableError(
-            f"data.path={path} does not exist: point data.path at a .txt/.jsonl file or a folder"
-        )
+        raise missing_path("data.path", path, DataUnavailableError)
     return path
 
 
@@ -128,8 +126,8 @@ MAX_VALID_SHARE = 0.5
 
 
 def valid_share(data_cfg: DictConfig, total_chars: int) -> float:
-    fraction = float(data_cfg.get("valid_fraction", 0.05))
-    least = int(data_cfg.get("valid_min_chars", 0)) / max(total_chars, 1)
+    fraction = float(data_cfg.valid_fraction)
+    least = int(data_cfg.valid_min_chars) / max(total_chars, 1)
     return min(max(fraction, least), MAX_VALID_SHARE)
 
 
@@ -180,8 +178,8 @@ def local_split(data_cfg: DictConfig) -> tuple[list[str], list[str], dict]:
         "characters": sum(lengths),
         "validation_characters": held_chars,
         "validation_share": round(held_chars / max(sum(lengths), 1), 4),
-        "valid_fraction": float(data_cfg.get("valid_fraction", 0.05)),
-        "valid_min_chars": int(data_cfg.get("valid_min_chars", 0)),
+        "valid_fraction": float(data_cfg.valid_fraction),
+        "valid_min_chars": int(data_cfg.valid_min_chars),
     }
     return train, valid, split
 
@@ -194,5 +192,5 @@ def load_local_text(data_cfg: DictConfig, split: str) -> datasets.Dataset:
 def local_fingerprint(data_cfg: DictConfig) -> str:
     root = _local_root(data_cfg)
     files = hash_files(_local_files(data_cfg), root if root.is_dir() else None)
-    rule = (data_cfg.get("valid_fraction", 0.05), data_cfg.get("valid_min_chars", 0))
+    rule = (data_cfg.valid_fraction, data_cfg.valid_min_chars)
     return f"{files}|valid={rule}"  # the split decides which text each cache holds

@@ -12,8 +12,9 @@ run reads exactly the rows the interrupted one would have read next.
 """
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+import utils
 
 
 class ResumableSampler(Sampler[int]):
@@ -25,14 +26,8 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0  # rows of this rank's shard already consumed in `epoch`
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _shard(self) -> torch.Tensor:
-        rank, world = self._rank_world()
+        rank, world = utils.rank_world()
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_rows, generator=gen)
@@ -50,7 +45,7 @@ class ResumableSampler(Sampler[int]):
         return iter(shard[start:].tolist())
 
     def __len__(self) -> int:
-        rank, world = self._rank_world()
+        rank, world = utils.rank_world()
         if self.drop_last:
             return self.num_rows // (world * self.batch_size) * self.batch_size
         return len(range(rank, self.num_rows, world))

@@ -207,7 +207,7 @@ def _hub(
                 config,
                 data_files=data_files,
                 split=hf_split,
-                streaming=bool(data_cfg.get("streaming", False)),
+                streaming=bool(data_cfg.streaming),
             )
         dataset = dataset.select_columns([field])
         return dataset if field == "text" else dataset.rename_column(field, "text")

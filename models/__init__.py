@@ -17,11 +17,11 @@ def build_networks(
     MLP pair of models/toy_mlp.py instead (2-token toy data), an encoder only when the
     algorithm has a latent.
     """
-    if cfg.model.get("type") == "toy_mlp":
+    if cfg.model.type == "toy_mlp":
         backbone, encoder = toy_networks(cfg, vocab_size, with_encoder=algorithm.uses_latent)
     else:
         backbone, encoder = algorithm.build_networks(vocab_size)
-    if cfg.model.get("compile", False):
+    if cfg.model.compile:
         compile_blocks(backbone)
         if encoder is not None:
             compile_blocks(encoder)

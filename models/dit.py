@@ -232,7 +232,6 @@ class GenDIT(DIT):
     def __init__(self, cfg: DictConfig, vocab_size: int, out_dim: int | None = None):
         super().__init__(cfg, vocab_size, out_dim)
         self.latent_dim = cfg.latent_dim
-        self.latent_struc = cfg.latent_struc
         self.latent_map = (
             LatentMLP(cfg.latent_dim, cfg.cond_dim) if cfg.latentMLP else nn.Identity()
         )

@@ -106,7 +106,7 @@ def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
         return True, False
     if kind != "text" or tokenizer.bos_token_id is None:
         return None
-    return True, bool(cfg.data.get("wrap", False)) and tokenizer.eos_token_id is not None
+    return True, bool(cfg.data.wrap) and tokenizer.eos_token_id is not None
 
 
 def conditioning_from_config(
@@ -123,7 +123,7 @@ def conditioning_from_config(
     if s.prefix or s.suffix or s.template:
         x_init = conditioning_from_text(
             tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
-            mask_id=mask_id, eos=bool(cfg.data.get("wrap", False)),
+            mask_id=mask_id, eos=bool(cfg.data.wrap),
         )  # fmt: skip
     elif frame_positions(cfg, tokenizer):
         bos, eos = frame_positions(cfg, tokenizer)

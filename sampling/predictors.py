@@ -69,12 +69,10 @@ def latent_fn(module, generator, length: int):
     """n -> z ~ N(0, I): (n, d) per sequence, or (n, L, d) when model.latent1d=False;
     None for a model without a latent. A VADD decoder always gets a z, also under the
     ddpm predictors (a fresh one per step)."""
-    if not module.algorithm.uses_latent:
+    shape = module.algorithm.latent_shape(length)
+    if shape is None:
         return None
     import torch
-
-    m = module.cfg.model
-    shape = (m.latent_dim,) if m.latent1d else (length, m.latent_dim)
 
     def draw(n: int):
         return torch.randn((n, *shape), generator=generator, device=module.device)

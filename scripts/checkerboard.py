@@ -23,7 +23,6 @@ and <out>/checkerboard.png (true density, then a sample histogram per model and 
 
 import argparse
 import json
-import math
 import multiprocessing
 import statistics
 import sys
@@ -33,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+import utils  # noqa: E402
 from algorithms import (
     losses,  # noqa: E402
     objectives,  # noqa: E402
@@ -46,6 +47,11 @@ from noise_schedule import LogLinear  # noqa: E402
 from sampling import samplers  # noqa: E402
 
 MODELS = ("mdm", "vadd_time", "vadd_steps")
+# recipe=checkerboard's schedule: warm-up, then cosine decay to 10% (a quiet end keeps the
+# samples sharp), built by the same function as the Lightning module's
+LR_SCHEDULE = OmegaConf.create(
+    {"name": "cosine_decay_warmup", "warmup_steps": 100, "min_lr_ratio": 0.1}
+)
 TRAIN_EPS = 1e-3  # smallest training time (MDLM's sampling_eps)
 
 
@@ -104,14 +110,6 @@ def build(name: str, args) -> tuple[ToyMLP, ToyEncoder | None]:
     return backbone, encoder
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to 10% (a quiet end keeps the samples sharp)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
-
-
 def train(name: str, seed: int, args, log_every: int = 0) -> Trained:
     """Train one model on fresh data every step (the data distribution is known exactly)."""
     torch.manual_seed(seed)
@@ -120,15 +118,15 @@ def train(name: str, seed: int, args, log_every: int = 0) -> Trained:
     backbone, encoder = build(name, args)
     params = [*backbone.parameters(), *(encoder.parameters() if encoder else [])]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = utils.build_lr_scheduler(opt, LR_SCHEDULE, args.steps)  # the module's schedule
     start, history = time.perf_counter(), []
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
         out, beta = loss_step(name, backbone, encoder, spec, step, args, gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         history.append(summarize(out, beta))
         if log_every and (step % log_every == 0 or step == args.steps - 1):
             print(f"  {name} seed {seed} step {step}: {history[-1]}", flush=True)
@@ -142,10 +140,8 @@ def loss_step(name, backbone, encoder, spec, step, args, gen):
     t = losses.sample_t(args.batch, eps=TRAIN_EPS, antithetic=True, generator=gen)
     if name == "mdm":
         return objectives.mdlm_loss(backbone, x0, None, t, spec), 1.0
-    # Hold beta at its initial value for kl_hold steps: z needs time to become useful
-    # before the KL pushes r back to the prior (posterior collapse).
-    ramp_step = max(0, step - args.kl_hold)
-    beta = losses.kl_beta(ramp_step, "klweight", args.init_kl_weight, args.kl_interval)
+    a = args  # beta held at init_kl_weight for kl_hold steps, then the linear ramp
+    beta = losses.kl_beta(step, "klweight", a.init_kl_weight, a.kl_interval, hold=a.kl_hold)
     return objectives.vae_loss(backbone, encoder, x0, None, t, spec, beta=beta), beta
 
 
