@@ -128,8 +128,7 @@ def summarise_eval(sums: dict[str, torch.Tensor], draws: int) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- I/O
-@rank_zero_only
+# ---------------------------------------------------------------- processes, I/O
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of this process: (0, 1) without an initialised process group."""
     dist = torch.distributed
@@ -138,6 +137,7 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@rank_zero_only
 def print0(*args, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 

@@ -150,6 +150,8 @@ BAD_INPUTS = [
     (["model.length=2"], "model.length=2 is too short", "model.length >= 3"),
     (["checkpointing.keep_last=-2"], "checkpointing.keep_last=-2 is out of range", ">= -1"),
     (["model.latent_dim=100000000"], "model.latent_dim=100000000 makes", "than this machine"),
+    (["noise.type=linear"], "lacks noise.sigma_max, noise.sigma_min", "with noise=linear"),
+    (["strategy.name=ddp"], "lacks strategy.find_unused_parameters", "with strategy=ddp"),
 ]
 
 

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dataloader
+import utils
 from data import detokenizers, local_text, tokenization
 from data import grid as grid_data
 from data import sources as data_sources
@@ -245,7 +246,7 @@ def test_a_streamed_dataset_is_split_across_ranks(bible, tmp_path, monkeypatch, 
     valid = get_dataloaders(run_cfg(cfg), tok, skip_train=True)[1]
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(dataloader.ResumableSampler, "_rank_world", lambda r=rank: (r, 2))
+        monkeypatch.setattr(utils, "rank_world", lambda r=rank: (r, 2))
         seen.append([tuple(row.tolist()) for b in valid for row in b["input_ids"]])
     assert not set(seen[0]) & set(seen[1]) and min(map(len, seen)) > len(everything) // 4
     if shards == 1:  # every 2nd row of the one stream: exactly the rows, each once

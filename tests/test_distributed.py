@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny import MICRO_MODEL, QUIET
 
+import utils
 from data.order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,9 +145,7 @@ def test_training_shards_put_global_row_i_at_position_i(world, batch, monkeypatc
     reference = list(single)
     shards = []
     for rank in range(world):
-        monkeypatch.setattr(
-            ResumableSampler, "_rank_world", staticmethod(lambda r=rank: (r, world))
-        )
+        monkeypatch.setattr(utils, "rank_world", lambda r=rank: (r, world))
         shards.append(
             list(ResumableSampler(64, seed=5, shuffle=True, drop_last=True, batch_size=batch))
         )

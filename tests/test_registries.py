@@ -153,3 +153,57 @@ def test_every_data_group_says_its_kind_and_a_group_without_one_is_one_line(tmp_
         del cfg.data["kind"]  # a user's group written before data.kind existed
     with pytest.raises(ConfigError, match="data=bible has no data.kind: add 'kind: text'"):
         validate_config(cfg)
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_a_recipe_sets_only_what_it_changes_and_recipe_paper_nothing():
+    """config.yaml and its groups are the one home of the paper-scale values: a recipe
+    that repeated one would be a second home, which drifts when the default changes."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert not OmegaConf.load(root / "recipe" / "paper.yaml")  # comments only
+    with initialize_config_dir(config_dir=str(root), version_base=None):
+        base = OmegaConf.to_container(compose("config", overrides=["recipe=paper"]))
+        cosine = compose("config", overrides=["lr_scheduler=cosine_decay_warmup"])
+        base_cosine = OmegaConf.to_container(cosine.lr_scheduler)
+    repeats = []
+    for path in sorted(root.joinpath("recipe").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        picks_cosine = "override /lr_scheduler: cosine_decay_warmup" in path.read_text()
+        for key, value in _leaves({k: v for k, v in node.items() if k != "defaults"}).items():
+            group, _, leaf = key.partition(".")
+            default = _leaves(base).get(key)
+            if group == "lr_scheduler" and picks_cosine:
+                default = base_cosine.get(leaf)
+            if value == default:
+                repeats.append(f"{path.name}: {key}={value}")
+    assert not repeats, repeats
+
+
+def test_kl_beta_holds_then_ramps():
+    """hold: beta = init for the first `hold` steps, then the schedule from its start."""
+    from algorithms import losses
+
+    init, hold, interval = 0.2, 5, 10
+    for step in range(30):
+        ramp = max(0, step - hold)
+        expected = min(1.0, init + (1 - init) * ramp / interval)
+        got = losses.kl_beta(step, "klweight", init, interval, hold=hold)
+        assert got == pytest.approx(expected)
+    assert losses.kl_beta(3, "none", 0.0, 10, hold=5) == 1.0
+    # cyclical: the cycles start after the hold
+    cyc = [losses.kl_beta(s, "cyclical", 0.0, 10, cycles=2, ramp=0.5, hold=4) for s in range(30)]
+    assert cyc[:5] == [0.0] * 5 and cyc[9] == 1.0 and cyc[14] == 0.0 and cyc[24:] == [1.0] * 6

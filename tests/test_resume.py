@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny import MICRO_MODEL, QUIET
 
+import utils
 from data.order import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +86,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 def test_sampler_shards_cover_each_epoch_once(world, monkeypatch):
     seen = []
     for rank in range(world):
-        monkeypatch.setattr(
-            ResumableSampler, "_rank_world", staticmethod(lambda r=rank: (r, world))
-        )
+        monkeypatch.setattr(utils, "rank_world", lambda r=rank: (r, world))
         sampler = ResumableSampler(10, seed=3, shuffle=True, drop_last=False)
         seen += list(sampler)
     assert sorted(seen) == list(range(10))
