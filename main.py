@@ -21,17 +21,26 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from checkpointing.architecture import explicit_keys
+
     try:
         validate_config(cfg)
-        run(cfg)
+        run(cfg, explicit_keys(list(HydraConfig.get().overrides.task), CONFIG_DIR))
     except VaddError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, explicit: dict[str, str] | None = None) -> None:
+    """Run cfg.mode. `explicit`: the keys the command line set (architecture.explicit_keys);
+    given, an evaluation takes the other architecture keys from its checkpoint."""
     import dataloader  # heavy imports after validation
 
     tokenizer = dataloader.get_tokenizer(cfg.data)  # local data errors show before Lightning loads
@@ -50,6 +59,8 @@ def run(cfg: DictConfig) -> None:
         runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer, loaders)
         return
     ckpt = read_checkpoint(cfg.eval.checkpoint_path)
+    if explicit is not None:
+        runner.adopt_architecture(cfg, ckpt, explicit)
     tokenizer = runner.eval_tokenizer(ckpt, tokenizer)
     module = runner.build_module(cfg, tokenizer)
     if cfg.mode == "ppl_eval":
@@ -60,7 +71,7 @@ def run(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:  # before Hydra: a misspelt config group is one line, not Hydra's listing
-        check_group_choices(sys.argv[1:], str(Path(__file__).resolve().parent / "configs"))
+        check_group_choices(sys.argv[1:], CONFIG_DIR)
     except VaddError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import dataloader
 import sharding
 import utils
-from checkpointing import interchange
+from checkpointing import architecture, interchange
 from checkpointing.checkpoints import AtomicCheckpointIO, check_resume, load_for_eval
-from config_check import ConfigError
+from config_check import ConfigError, validate_config
 from data.tokenization import GridTokenizer
 from diffusion import Diffusion, Vocab
 from evaluation.jobs import run_ppl_eval, run_sample_eval
@@ -156,6 +156,17 @@ def eval_tokenizer(ckpt: dict, tokenizer):
         f"[vadd] using the checkpoint's tokenizer ({state['name']}), not the data config's"
     )
     return dataloader.tokenizer_from_state(state)
+
+
+def adopt_architecture(cfg: DictConfig, ckpt: dict, explicit: dict[str, str]) -> None:
+    """Evaluation: the checkpoint's architecture over the config's defaults, checked
+    again as a whole (checkpointing/architecture.py)."""
+    saved = ckpt.get("vadd", {}).get("config")
+    changed = architecture.adopt_architecture(cfg, saved, explicit, cfg.eval.checkpoint_path)
+    if changed:
+        validate_config(cfg)
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        utils.print0(f"[vadd] architecture from the checkpoint: {', '.join(changed[:6])}{more}")
 
 
 def build_module(cfg: DictConfig, tokenizer) -> Diffusion:

@@ -27,6 +27,8 @@ class Algorithm:
     uses_latent: ClassVar[bool] = False  # an encoder r(z | x0, xt) and a decoder reading z
     family: ClassVar[str] = "diffusion"  # which samplers fit: predictors.Predictor.family
     default_predictor: ClassVar[str] = "ddpm_cache"
+    # the class of models/modeling_vadd.py an export loads as (None: vadd's loader only)
+    transformers_class: ClassVar[str | None] = None
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -116,6 +118,7 @@ class MDLM(Algorithm):
     """Masked diffusion (Sahoo et al. 2024): the SUBS-parameterised NELBO, no latent."""
 
     name, label = "mdlm", "MDLM (DiT)"
+    transformers_class = "VaddForMaskedLM"
 
     def build_networks(self, vocab_size):
         from models.dit import DIT
@@ -137,6 +140,7 @@ class VADD(Algorithm):
     """VADD: GenDIT p(x0 | xt, z) and InferDIT r(z | x0, xt), the (IWAE-)DELBO."""
 
     name, label = "vae", "VADD (GenDIT decoder + InferDIT encoder)"
+    transformers_class = "VaddForMaskedLM"
     uses_latent = True
     default_predictor = "vae"
 

@@ -9,7 +9,9 @@ import torch
 
 from errors import CheckpointError
 
-FORMAT_VERSION = 1  # of the folders scripts/export.py writes
+# of the folders scripts/export.py writes; 2: loads with transformers too (hf_export.py),
+# tokenizer.json holds the mask token
+FORMAT_VERSION = 2
 
 
 def read_folder_weights(path: str) -> dict[str, torch.Tensor]:
@@ -70,22 +72,26 @@ def read_export(path: str) -> dict:
         "vadd": {
             "config": config["config"],
             "vocab": {k: v for k, v in config["vocab"].items() if k != "model_size"},
-            "tokenizer": _read_tokenizer_state(path, config.get("tokenizer")),
+            "tokenizer": _read_tokenizer_state(
+                path, config.get("tokenizer"), int(config["vocab"]["size"])
+            ),
         },
     }
 
 
-def _read_tokenizer_state(path: str, info: dict | None) -> dict | None:
-    """Rebuild the tokenizer state a checkpoint stores; refuse an edited tokenizer.json."""
+def _read_tokenizer_state(path: str, info: dict | None, vocab_size: int) -> dict | None:
+    """Rebuild the tokenizer state a checkpoint stores (without the mask token the export
+    added for transformers); refuse an edited tokenizer.json."""
     if info is None:
         return None
+    from checkpointing.hf_export import without_mask_token
     from data.tokenization import tokenizer_fingerprint, tokenizer_from_state
 
     file = os.path.join(path, "tokenizer.json")
 
     def read(file: str) -> dict:
         with open(file, encoding="utf-8") as f:
-            state = {**info, "json": f.read()}
+            state = {**info, "json": without_mask_token(f.read(), vocab_size)}
         return state, tokenizer_fingerprint(tokenizer_from_state(state))
 
     state, fingerprint = _readable(file, read)

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import utils
-from algorithms import algorithm_class
+from checkpointing import hf_export
 from checkpointing.checkpoints import read_checkpoint
 from checkpointing.folders import FORMAT_VERSION, read_folder_weights, read_json
+from data.tokenization import GRID_KEY
 from errors import CheckpointError, missing_path
 from models.ema import ExponentialMovingAverage
 
@@ -238,57 +239,35 @@ def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     blob = save(tensors, metadata={"format": "pt"})  # each file is whole or absent
     utils.atomic_write(os.path.join(out, "model.safetensors"), lambda f: f.write(blob))
-    tokenizer = _write_tokenizer(out, vadd.get("tokenizer"))
+    run = OmegaConf.create(vadd["config"])
+    size = int(vadd["vocab"]["size"])
+    tokenizer = _write_tokenizer(out, vadd.get("tokenizer"), size, int(run.model.length))
+    hf = hf_export.transformers_keys(run, size + 1)
+    if hf:
+        hf_export.write_model_code(out)
     config = {
         "format": "vadd",
         "format_version": FORMAT_VERSION,
         "weights": weights,
         "global_step": int(ckpt.get("global_step", 0)),
-        "vocab": {**vadd["vocab"], "model_size": vadd["vocab"]["size"] + 1},
+        "vocab": {**vadd["vocab"], "model_size": size + 1},
         "tokenizer": tokenizer,
         "parameters": {k: list(v.shape) for k, v in tensors.items()},
         "config": vadd["config"],
+        **hf,
     }
     utils.write_json(os.path.join(out, "config.json"), config)
-    _write_model_card(out, config, sum(v.numel() for v in tensors.values()))
+    hf_export.write_model_card(out, config, sum(v.numel() for v in tensors.values()))
     return config
 
 
-def _write_tokenizer(out: str, state: dict | None) -> dict | None:
-    """tokenizer.json (the tokenizers library's file) + tokenizer_config.json (its specials)."""
+def _write_tokenizer(out: str, state: dict | None, vocab_size: int, length: int) -> dict | None:
+    """A text tokenizer through save_pretrained, with its mask token (hf_export); the grid
+    data's id tokenizer as its one-line tokenizer.json."""
     if state is None:
         return None
-    utils.write_text(os.path.join(out, "tokenizer.json"), state["json"])
-    hf = {"tokenizer_class": "PreTrainedTokenizerFast", "name_or_path": state["name"]}
-    utils.write_json(os.path.join(out, "tokenizer_config.json"), {**hf, **state["specials"]})
+    if state["json"].startswith(f'{{"{GRID_KEY}"'):
+        utils.write_text(os.path.join(out, "tokenizer.json"), state["json"])
+    else:
+        hf_export.save_tokenizer(out, state, vocab_size, length)
     return {k: state[k] for k in ("name", "specials", "fingerprint")}
-
-
-def _write_model_card(out: str, config: dict, num_params: int) -> None:
-    cfg = config["config"]
-
-    name = algorithm_class(OmegaConf.create(cfg)).label
-    m = cfg["model"]
-    lines = [
-        f"# {name}",
-        "",
-        f"Exported by vadd `scripts/export.py` (format version {config['format_version']}).",
-        "",
-        f"- weights: {config['weights']}, after {config['global_step']} optimiser steps",
-        f"- parameters: {num_params:,}; hidden {m['hidden_size']}, {m['n_blocks']} blocks, "
-        + (f"{m['n_heads']} heads, " if "n_heads" in m else "")  # the toy MLP has none
-        + f"length {m['length']}",
-        f"- data: {cfg['data']['name']}; vocabulary {config['vocab']['size']} tokens + [MASK]",
-        f"- tokenizer: {(config['tokenizer'] or {}).get('name', 'from the data config')}",
-        "",
-        "Evaluate with the vadd code (the command-line overrides of the training run still "
-        "choose the model size):",
-        "",
-        "```bash",
-        f"python main.py mode=ppl_eval eval.checkpoint_path={os.path.abspath(out)} <overrides>",
-        "```",
-        "",
-        "Files: `config.json` (resolved vadd config, vocabulary, tokenizer identity), "
-        "`model.safetensors` (`backbone.*` decoder, `encoder.*` encoder), `tokenizer.json`.",
-    ]
-    utils.write_text(os.path.join(out, "README.md"), "\n".join(lines) + "\n")

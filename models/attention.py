@@ -25,8 +25,9 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # No buffer: the frequencies are computed where the cache is built, so a model
+        # that transformers creates on the meta device (an export) gets them right too.
+        self.head_dim, self.base = head_dim, base
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +38,10 @@ class Rotary(nn.Module):
     @torch.inference_mode(False)  # a cache built during evaluation must serve training too
     def _build(self, seq_len: int, device: torch.device):
         with torch.no_grad():
+            steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+            inv_freq = 1.0 / (self.base**steps)  # on the CPU, then moved: the same numbers
             t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # (L, head_dim / 2)
+            freqs = torch.outer(t, inv_freq.to(device))  # (L, head_dim / 2)
             return (seq_len, device, freqs.cos(), freqs.sin())
 
 

@@ -14,10 +14,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
-from models import attention
+# Relative, so that scripts/export.py can copy this file and attention.py beside
+# modeling_vadd.py into a folder that transformers loads (trust_remote_code).
+from .attention import Rotary, self_attention
+
+try:  # a type name only: the exported model does not need omegaconf
+    from omegaconf import DictConfig
+except ImportError:  # pragma: no cover
+    DictConfig = object
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -129,7 +135,7 @@ class DDiTBlock(nn.Module):
         # x: (B, L, D); c: (B, 1 | L, cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
-        h = attention.self_attention(self.attn_qkv(h), self.n_heads, rotary, key_mask, causal)
+        h = self_attention(self.attn_qkv(h), self.n_heads, rotary, key_mask, causal)
         x = torch.addcmul(x, gate1, self.dropout(self.attn_out(h)))  # x + gate * h, fused
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return torch.addcmul(x, gate2, self.dropout(h))
@@ -180,7 +186,7 @@ class DIT(nn.Module):
         self.cond_dim = cfg.cond_dim
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, rows)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
-        self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
+        self.rotary = Rotary(cfg.hidden_size // cfg.n_heads)
         self.blocks = nn.ModuleList(
             DDiTBlock(cfg.hidden_size, cfg.n_heads, cfg.cond_dim, dropout=cfg.dropout, gelu=gelu)
             for _ in range(cfg.n_blocks)

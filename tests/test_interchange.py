@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mdlm_reference import MDLMReferenceDiT, mdlm_checkpoint, randomize
 from safetensors.torch import save_file
-from tiny import TINY
+from tiny import QUIET, SMALL_MODEL, TINY
 
 import dataloader
 import main
@@ -361,3 +361,141 @@ def test_an_ar_checkpoint_evaluated_with_a_dit_config_names_the_keys_to_set(tmp_
     assert "trained with backbone=ar, parameterization=ar, training.loss_type=mdlm" in message
     assert message.endswith("set backbone=ar parameterization=ar training.loss_type=mdlm")
     assert not (tmp_path / "eval" / "ppl_eval.json").exists()
+
+
+# A fresh interpreter outside the repository: only the exported folder, transformers and
+# torch. It loads the folder the documented way and writes the log-probabilities.
+HF_LOAD = r"""
+import sys, torch
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+folder, inputs, out = sys.argv[1:4]
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(folder)
+x = torch.load(inputs)
+with torch.no_grad():
+    logp = model(x["xt"], z=x.get("z")).logits
+    visible = x["xt"] != tok.mask_token_id
+    enc = model.encode(x["x0"], visible=visible) if x.get("z") is not None else None
+ids = tok("In the beginning God created the heaven")["input_ids"]
+torch.save({"logp": logp, "enc": enc, "mask_id": tok.mask_token_id, "ids": ids,
+            "model_type": config.model_type, "vocab_size": config.vocab_size}, out)
+"""
+
+
+@pytest.mark.parametrize("loss_type", ["vae", "mdlm"])
+def test_an_export_loads_with_transformers_and_gives_our_log_probs(tmp_path, loss_type):
+    from safetensors.torch import load_file
+
+    from algorithms import losses
+
+    train_dir = tmp_path / "train"
+    main.run(make_cfg(train_dir, "trainer.max_steps=2", f"training.loss_type={loss_type}"))
+    # every weight moved well away from the (zero-initialised AdaLN) start, so that a
+    # wrong conditioning, a missing weight or another layout shows in the numbers
+    ckpt = torch.load(train_dir / "checkpoints/last.ckpt", weights_only=False)
+    gen = torch.Generator().manual_seed(1)
+    for value in ckpt["state_dict"].values():
+        if value.is_floating_point():
+            value.add_(0.05 * torch.randn(value.shape, generator=gen))
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    folder = tmp_path / "export"
+    assert _export(["--ckpt", str(tmp_path / "moved.ckpt"), "--out", str(folder), "--raw"]) == 0
+    # our networks with the exported weights
+    module, tokenizer = build_module(make_cfg(tmp_path, f"training.loss_type={loss_type}"))
+    weights = load_file(folder / "model.safetensors")
+    for name, net in (("backbone", module.backbone), ("encoder", module.encoder)):
+        if net is not None:
+            own = {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")}
+            net.load_state_dict(own)
+    module.eval()
+    v = module.vocab.size
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(3, v, (3, 32), generator=gen)
+    masked = torch.rand(x0.shape, generator=gen) < 0.5
+    xt = torch.where(masked, v, x0)
+    z = torch.randn(3, 16, generator=gen) if module.encoder is not None else None
+    torch.save({"xt": xt, "x0": x0, "z": z}, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", HF_LOAD, str(folder), "inputs.pt", "out.pt"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = torch.load(tmp_path / "out.pt")
+    assert hf["model_type"] == "vadd" and hf["mask_id"] == v and hf["vocab_size"] == v + 1
+    assert hf["ids"] == tokenizer("In the beginning God created the heaven")["input_ids"]
+    with torch.no_grad():
+        extra = {} if z is None else {"z": z}
+        logits = module.backbone(xt, torch.zeros(3), out_mask=masked, **extra)
+        ours = losses.masked_token_logp(logits, x0[masked], v)
+    theirs = hf["logp"][masked].gather(1, x0[masked][:, None]).squeeze(1)
+    assert ours.std() > 0.1  # far from the uniform start every initialisation shares
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert hf["logp"].shape == (3, 32, v + 1)
+    assert torch.isinf(hf["logp"][..., v]).all()  # [MASK] is never predicted
+    visible_rows = hf["logp"][~masked]  # an unmasked token carries over: log 1 there
+    assert (visible_rows.gather(1, x0[~masked][:, None]) == 0).all()
+    assert torch.isinf(visible_rows).sum(1).eq(v).all()
+    if z is not None:
+        with torch.no_grad():
+            mu, log_sigma = module.encoder(x0, ~masked, torch.zeros(3))
+        torch.testing.assert_close(hf["enc"][0], mu, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf["enc"][1], log_sigma, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- self-describing checkpoints
+def _eval_cfg(out: Path, overrides: list[str]):
+    """The config of `python main.py <overrides>` without the tiny sizes of make_cfg."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("source", ["ckpt", "folder"])
+def test_evaluation_takes_the_architecture_from_the_checkpoint(tmp_path, source):
+    from checkpointing.architecture import explicit_keys
+
+    train_dir = tmp_path / "train"
+    main.run(make_cfg(train_dir, "trainer.max_steps=2", "decoder.mu_init_std=0.1"))
+    path = train_dir / "checkpoints" / "last.ckpt"
+    if source == "folder":
+        assert _export(["--ckpt", str(path), "--out", str(tmp_path / "export")]) == 0
+        path = tmp_path / "export"
+    common = [
+        "mode=ppl_eval", f"eval.checkpoint_path={path}", "loader.eval_batch_size=16",
+        "eval.limit_batches=2", "logger=none", "trainer.accelerator=cpu", "trainer.devices=1",
+        f"data.cache_dir={os.environ.get('VADD_CACHE_DIR', tmp_path / 'cache')}", *QUIET,
+    ]  # fmt: skip
+
+    def evaluate(tag: str, *extra: str) -> dict:
+        out = tmp_path / tag
+        overrides = [*common, f"eval.output_dir={out}", f"checkpointing.save_dir={out}", *extra]
+        cfg = _eval_cfg(tmp_path / tag, overrides)
+        validate_config(cfg)
+        main.run(cfg, explicit_keys(overrides, str(ROOT / "configs")))
+        return _numbers(json.loads((tmp_path / tag / "ppl_eval.json").read_text()))
+
+    long = evaluate("long", *SMALL_MODEL, "decoder.mu_init_std=0.1", "training.loss_type=vae")
+    short = evaluate("short")  # the sizes, latent keys and loss come from the checkpoint
+    assert short == long and long["tokens"] > 0
+    with pytest.raises(ConfigError, match=r"hidden_size=32 .* trained with model.hidden_size=64"):
+        evaluate("wrong", "model.hidden_size=32")
+    with pytest.raises(ConfigError, match="training.loss_type=mdlm .* training.loss_type=vae"):
+        evaluate("wrong_loss", "training.loss_type=mdlm")
+    group = r"model.name=small \(by model=small\), but .*model.name=cpu: drop model=small"
+    with pytest.raises(ConfigError, match=group):
+        evaluate("wrong_group", "model=small")  # a group choice sets its keys explicitly
+
+
+def test_explicit_keys_of_a_command_line():
+    from checkpointing.architecture import explicit_keys
+
+    keys = explicit_keys(
+        ["model=small", "+eval.ppl_times=5", "recipe=verse_set", "training.loss_type=vae"],
+        str(ROOT / "configs"),
+    )
+    assert keys["model.hidden_size"] == keys["model.n_heads"] == "model=small"
+    assert keys["eval.ppl_times"] == keys["training.loss_type"] == "the command line"
+    assert keys["model.latent_dim"] == keys["trainer.max_steps"] == "recipe=verse_set"
+    assert "model.latentMLP" not in keys  # config.yaml's, not small.yaml's
+    assert "decoder.hidden_size" not in keys and "decoder.fade_to_prior" in keys

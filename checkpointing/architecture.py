@@ -1,0 +1,84 @@
+"""Checkpoints describe themselves: evaluation takes the architecture from the checkpoint.
+
+`ppl_eval` / `sample_eval` with only `eval.checkpoint_path=...` get the sizes, the
+algorithm (`training.loss_type`), the backbone and the latent keys the model was trained
+with. A value the command line sets itself must agree: one that contradicts the
+checkpoint is refused naming both, so the seed README's long command lines (which repeat
+the training values) still work, and a wrong size is one line, not a shape error.
+"""
+
+import os
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from errors import ConfigError
+
+# What decides the networks and the bound: adopted from the checkpoint's saved config.
+TOP_KEYS = ("backbone", "parameterization", "time_conditioning", "training.loss_type")
+GROUPS = ("model", "decoder")  # every key of these groups, except the run-time ones below
+RUNTIME_KEYS = {"model.compile", "model.init_from", "model.init_from_ema"}
+
+
+def explicit_keys(overrides: list[str], config_dir: str) -> dict[str, str]:
+    """The config keys a command line sets, each with what set it: `a.b=v` sets a.b;
+    `model=small` the keys configs/model/small.yaml holds (a file with `# @package
+    _global_`, e.g. a recipe, holds keys of the whole config)."""
+    keys = {}
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        path = os.path.join(config_dir, key, f"{value}.yaml")
+        if "." in key or not os.path.isfile(path):
+            keys[key] = "the command line"
+            continue
+        with open(path, encoding="utf-8") as f:
+            prefix = "" if "@package _global_" in f.readline() else f"{key}."
+        node = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        node.pop("defaults", None)
+        keys.update({f"{prefix}{leaf}": arg for leaf in _leaves(node)})
+    return keys
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def architecture(saved: dict) -> dict:
+    """key -> value of the architecture keys in a checkpoint's saved config."""
+    flat = _leaves(saved)
+    keys = [k for k in TOP_KEYS if k in flat]
+    keys += [k for k in flat if k.split(".")[0] in GROUPS and k not in RUNTIME_KEYS]
+    return {k: flat[k] for k in keys}
+
+
+def adopt_architecture(cfg: DictConfig, saved: dict | None, explicit: dict, path) -> list:
+    """Set cfg's architecture keys to the checkpoint's; refuse an explicit value that
+    contradicts it. Returns the keys changed, as 'key=value' strings."""
+    if not saved:
+        return []  # not a vadd checkpoint (e.g. MDLM's own): the config decides
+    changed = []
+    for key, value in architecture(saved).items():
+        current = OmegaConf.select(cfg, key, default=None)
+        if current == value:
+            continue
+        if key in explicit:
+            source = explicit[key]  # "the command line", or the group choice "model=small"
+            by, drop = ("on the command line", key)
+            if "=" in source:
+                by, drop = f"(by {source})", source
+            raise ConfigError(
+                f"{key}={current} {by}, but {path} was trained with {key}={value}: drop "
+                f"{drop} (evaluation takes the architecture from the checkpoint) or pass the "
+                "checkpoint this value belongs to"
+            )
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, force_add=True)
+        changed.append(f"{key}={value}")
+    return changed
