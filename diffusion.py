@@ -84,6 +84,14 @@ class Diffusion(L.LightningModule):
         self._resumed_mid_epoch = False
         self._resume_rng: list | None = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location="cpu", use_ema=True, **_):
+        """A ready model from a vadd checkpoint or exported folder; its config, vocabulary
+        and tokenizer come from the file (checkpointing/loading.py)."""
+        from checkpointing.loading import load_model
+
+        return load_model(checkpoint_path, use_ema=use_ema, map_location=map_location)
+
     def networks(self) -> list[torch.nn.Module]:
         return [self.backbone] + ([self.encoder] if self.encoder is not None else [])
 

@@ -69,10 +69,15 @@ def run(cfg: DictConfig, explicit: dict[str, str] | None = None) -> None:
         runner.sample_eval(cfg, module, tokenizer, ckpt)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python main.py ...` and the `vadd` command (pyproject.toml)."""
     try:  # before Hydra: a misspelt config group is one line, not Hydra's listing
         check_group_choices(sys.argv[1:], CONFIG_DIR)
     except VaddError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -67,8 +67,10 @@ def _strategy(cfg: DictConfig):
     name = cfg.strategy.name
     if name == "fsdp" and cfg.mode == "train":
         return sharding.fsdp_strategy()
-    if name in ("ddp", "fsdp"):
+    if name == "ddp":
         return DDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters)
+    if name == "fsdp":  # evaluation
+        return DDPStrategy()
     return "auto"
 
 
@@ -79,15 +81,26 @@ def _logger(cfg: DictConfig):
         from lightning.pytorch.loggers import WandbLogger
 
         w = cfg.wandb
-        run_id = wandb_run_id(cfg.checkpointing.save_dir, _resuming(cfg), w.get("id"))
+        run_id = wandb_run_id(cfg.checkpointing.save_dir, _resuming(cfg), w.id)
         return WandbLogger(
             project=w.project, name=w.name, mode=w.mode, tags=list(w.tags),
             save_dir=cfg.checkpointing.save_dir, id=run_id, resume="allow",
         )  # fmt: skip
+    if cfg.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(cfg.checkpointing.save_dir, name="tensorboard", version="")
     from checkpointing.callbacks import HistoryCSVLogger
 
     ck = cfg.checkpointing
     return HistoryCSVLogger(ck.save_dir, name="logs", version="", keep_history=_resuming(cfg))
+
+
+def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """The resolved config to the run's logger: CSV hparams.yaml, the wandb run's config,
+    TensorBoard's hparams (nested keys flattened there as a.b.c)."""
+    if trainer.logger:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _resuming(cfg: DictConfig) -> bool:
@@ -201,11 +214,17 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
         if trainer.is_global_zero:
             os.makedirs(save_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(save_dir, "config.yaml"), resolve=True)
+        log_config(trainer, cfg)
         trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
+    if cfg.logger == "wandb" and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()  # files flushed; a next job in this process (multirun) gets its own run
 
 
 def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, ckpt) -> dict:
     load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
+    log_config(trainer, cfg)
     _, valid_dl = dataloader.get_dataloaders(cfg, tokenizer, skip_train=True)
     return run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
 

@@ -20,6 +20,7 @@ from config_check.model_rules import (
 from config_check.run_rules import (
     _check_eval,
     _check_group_selection,
+    _check_logger,
     _check_resume,
     _check_sampling,
     _check_sampling_keys,
@@ -49,7 +50,7 @@ CHOICES = {
     "sampling.predictor": "registry",  # "auto" and the registered samplers
     "sampling.order": ["left_to_right", "random"],
     "sampling.frame": ["auto", "none"],
-    "logger": ["csv", "wandb", "none"],
+    "logger": ["csv", "wandb", "tensorboard", "none"],
     "wandb.mode": ["offline", "online", "disabled"],
     # no fp16: the -inf mask logit overflows and the manual optimisation has no GradScaler
     "trainer.precision": ["auto", "32-true", "32", "bf16-mixed", "bf16-true", "64-true"],
@@ -142,6 +143,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_warm_start,
         _check_resume,
         _check_strategy,
+        _check_logger,
     )
     for rule in rules:
         rule(cfg)

@@ -50,6 +50,24 @@ def _check_strategy(cfg):
         )
 
 
+# logger -> (the packages of which one must be installed, the pip extra that brings it)
+LOGGER_PACKAGES = {"tensorboard": (("tensorboardX", "tensorboard"), "tensorboard"),
+                   "wandb": (("wandb",), "wandb")}  # fmt: skip
+
+
+def _check_logger(cfg):
+    import importlib.util
+
+    if cfg.logger not in LOGGER_PACKAGES:
+        return
+    packages, extra = LOGGER_PACKAGES[cfg.logger]
+    if not any(importlib.util.find_spec(name) for name in packages):
+        raise ConfigError(
+            f'logger={cfg.logger} needs the {packages[0]} package: pip install -e ".[{extra}]" '
+            f"(or pip install {packages[0]}), or use logger=csv"
+        )
+
+
 def _check_eval(cfg):
     if cfg.mode in ("ppl_eval", "sample_eval") and not cfg.eval.checkpoint_path:
         raise ConfigError(

@@ -7,10 +7,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.vadd-requirements
-want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q torch==2.13.0   # first: the pinned (CPU) build
+  .venv/bin/python -m pip install -q -e ".[dev]"     # pyproject.toml; the `vadd` command
   .venv/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt
   echo "$want" > "$stamp"
 fi

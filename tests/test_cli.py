@@ -190,3 +190,31 @@ def test_multinode_launchers_compose(tmp_path):
     assert "num_nodes: 2" in proc.stdout and "devices: 4" in proc.stdout
     sbatch = (ROOT / "scripts" / "train_owt_vadd.sbatch").read_text()
     assert "--signal=TERM@" in sbatch and 'trainer.num_nodes="$SLURM_NNODES"' in sbatch
+
+
+def test_multirun_jobs_run_in_one_process_each_in_its_folder(tmp_path):
+    """Hydra's basic launcher (-m): every job trains in its own folder under the sweep dir."""
+    from tiny import MICRO_MODEL, QUIET
+
+    args = ["-m", "training.loss_type=mdlm,vae", "trainer.max_steps=1", *MICRO_MODEL, *QUIET,
+            "loader.global_batch_size=4", "trainer.limit_val_batches=0", "logger=csv",
+            f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for num, loss in ((0, "mdlm"), (1, "vae")):
+        job = tmp_path / str(num)
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        assert f"training.loss_type={loss}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert "loss_type: " + loss in (job / "logs" / "hparams.yaml").read_text()
+
+
+def test_the_vadd_command_is_main_py(tmp_path):
+    """scripts/setup.sh installs the checkout (pip install -e .): `vadd` runs main.cli."""
+    vadd = Path(sys.executable).with_name("vadd")
+    assert vadd.exists(), "run bash scripts/setup.sh (pip install -e .[dev])"
+    proc = subprocess.run([str(vadd), "data=wikitxt", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "did you mean data=wikitext2" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0

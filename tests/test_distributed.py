@@ -157,3 +157,18 @@ def test_training_shards_put_global_row_i_at_position_i(world, batch, monkeypatc
         for row in shard[step * batch : (step + 1) * batch]
     ]
     assert rebuilt == reference
+
+
+def test_evaluation_with_strategy_fsdp_runs_as_plain_data_parallel():
+    """fsdp's group has no find_unused_parameters: evaluation must not read it."""
+    from hydra import compose, initialize_config_dir
+    from lightning.pytorch.strategies import DDPStrategy
+
+    import runner
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(root), version_base=None):
+        cfg = compose("config", overrides=["strategy=fsdp", "mode=ppl_eval"])
+    strategy = runner._strategy(cfg)
+    assert isinstance(strategy, DDPStrategy)
+    assert not strategy._ddp_kwargs.get("find_unused_parameters")

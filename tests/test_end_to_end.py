@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from tiny import TINY
 
 import dataloader
+import main
 import runner
 from checkpointing.checkpoints import CheckpointError, load_for_eval, read_checkpoint
 from evaluation.jobs import run_ppl_eval, run_sample_eval
@@ -400,3 +401,75 @@ def test_validation_t_covers_the_whole_interval_when_training_accumulates(tmp_pa
     (t,) = seen
     strata = torch.floor(t.double() * 16).long()  # one t per 1/16 of [0, 1]
     assert sorted(strata.tolist()) == list(range(16))
+
+
+def _tensorboard_hparams(path: Path) -> dict:
+    """The hparams of a TensorBoard event file, read with the protobuf classes (records:
+    8-byte length, 4-byte crc, the Event, 4-byte crc)."""
+    from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+
+    data, hparams, at = path.read_bytes(), {}, 0
+    while at < len(data):
+        n = int.from_bytes(data[at : at + 8], "little")
+        event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+        at += 12 + n + 4
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "hparams":
+                info = plugin_hparams_pb2.HParamsPluginData.FromString(
+                    value.metadata.plugin_data.content
+                )
+                for key, v in info.session_start_info.hparams.items():
+                    hparams[key] = v.number_value if v.HasField("number_value") else v.string_value
+    return hparams
+
+
+def _wandb_config(path: Path) -> dict:
+    """The config of an offline wandb run from its .wandb file: a LevelDB-style log (a
+    7-byte file header, then in 32 KiB blocks records of crc32, 2-byte length, type:
+    1 full, 2 first, 3 middle, 4 last) of wandb_internal_pb2.Record messages."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, at, parts, config = path.read_bytes(), 7, b"", {}
+    while at + 7 <= len(data):
+        if 32768 - at % 32768 < 7:  # a block's tail too short for a header is padding
+            at += 32768 - at % 32768
+            continue
+        length, kind = int.from_bytes(data[at + 4 : at + 6], "little"), data[at + 6]
+        parts, at = parts + data[at + 7 : at + 7 + length], at + 7 + length
+        if kind in (1, 4):
+            record = pb.Record.FromString(parts)
+            parts = b""
+            updates = record.run.config.update if record.HasField("run") else []
+            updates = record.config.update if record.HasField("config") else updates
+            config.update({item.key: json.loads(item.value_json) for item in updates})
+    return config
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_every_logger_gets_the_resolved_config(tmp_path, logger):
+    overrides = [f"logger={logger}", "wandb.mode=offline", "trainer.max_steps=2",
+                 "model.latent_dim=12", "training.kl_weighting=steps", "T=7"]  # fmt: skip
+    if logger == "wandb":  # its own process: the suite's runs have wandb disabled
+        cache = os.environ.get("VADD_CACHE_DIR", tmp_path / "cache")
+        args = [*TINY, f"hydra.run.dir={tmp_path}", f"data.cache_dir={cache}", *overrides]
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        main.run(make_cfg(tmp_path, *overrides))
+    if logger == "tensorboard":
+        (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+        hparams = _tensorboard_hparams(events)
+        assert hparams["model/latent_dim"] == 12 and hparams["T"] == 7
+        assert hparams["training/kl_weighting"] == "steps"
+        return
+    from omegaconf import OmegaConf
+
+    if logger == "csv":
+        saved = OmegaConf.load(tmp_path / "logs" / "hparams.yaml")
+    else:  # the offline run's transaction log
+        (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+        saved = OmegaConf.create(_wandb_config(path))
+    assert saved.model.latent_dim == 12 and saved.T == 7
+    assert saved.training.kl_weighting == "steps" and saved.data.name == "bible"

@@ -499,3 +499,30 @@ def test_explicit_keys_of_a_command_line():
     assert keys["model.latent_dim"] == keys["trainer.max_steps"] == "recipe=verse_set"
     assert "model.latentMLP" not in keys  # config.yaml's, not small.yaml's
     assert "decoder.hidden_size" not in keys and "decoder.fade_to_prior" in keys
+
+
+def test_one_call_loads_a_checkpoint_or_folder_into_a_ready_model(tmp_path):
+    from checkpointing.loading import load_model
+    from diffusion import Diffusion
+
+    train_dir = tmp_path / "train"
+    main.run(make_cfg(train_dir, "trainer.max_steps=3", "training.ema=0.5"))
+    path = train_dir / "checkpoints" / "last.ckpt"
+    assert _export(["--ckpt", str(path), "--out", str(tmp_path / "export")]) == 0
+    ckpt = torch.load(path, weights_only=False)
+    from_ckpt = Diffusion.load_from_checkpoint(path)  # Lightning's name, no hparams needed
+    from_folder = load_model(tmp_path / "export")
+    raw = load_model(path, use_ema=False)
+    assert not from_ckpt.training and from_ckpt.encoder is not None
+    names = [n for n, p in from_ckpt.named_parameters() if p.requires_grad]
+    ema = dict(zip(names, ckpt["ema"]["shadow_params"], strict=True))
+    for name, p in from_ckpt.named_parameters():
+        torch.testing.assert_close(p, ema[name], rtol=0, atol=0)  # the EMA weights
+        torch.testing.assert_close(dict(from_folder.named_parameters())[name], p, rtol=0, atol=0)
+        torch.testing.assert_close(dict(raw.named_parameters())[name], ckpt["state_dict"][name])
+    assert any(not torch.equal(ema[n], ckpt["state_dict"][n]) for n in names)  # they differ
+    ids = from_ckpt.tokenizer("In the beginning")["input_ids"]
+    assert ids == from_folder.tokenizer("In the beginning")["input_ids"] and len(ids) > 2
+    with pytest.raises(CheckpointError, match="no vadd config"):
+        save_mdlm_ckpt(tmp_path / "mdlm.ckpt", reference())
+        load_model(tmp_path / "mdlm.ckpt")
