@@ -1,5 +1,6 @@
 """What each mode does, step by step: build the trainer, derive batch sizes, run the job."""
 
+import copy
 import os
 import uuid
 from contextlib import nullcontext
@@ -10,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import dataloader
 import sharding
@@ -229,7 +230,16 @@ def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, 
     return run_ppl_eval(cfg, module, trainer, valid_dl, cfg.eval.checkpoint_path)
 
 
-def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt) -> dict:
+def sample_eval(cfg: DictConfig, module: Diffusion, tokenizer, ckpt) -> list[dict]:
+    """Samples at sampling.steps, or at each of a list of step counts: the checkpoint is
+    loaded and the judge (gen-PPL) built once; each T writes its own files, the ones a
+    process of its own would write (the sampler's generator starts from sampling.seed)."""
     load_for_eval(module, ckpt, cfg.eval.checkpoint_path)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
-    return run_sample_eval(cfg, module, tokenizer, cfg.eval.checkpoint_path)
+    steps = cfg.sampling.steps
+    results = []
+    for t in list(steps) if isinstance(steps, ListConfig) else [steps]:
+        one = copy.deepcopy(cfg)
+        one.sampling.steps = t
+        results.append(run_sample_eval(one, module, tokenizer, cfg.eval.checkpoint_path))
+    return results

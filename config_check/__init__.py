@@ -25,6 +25,7 @@ from config_check.run_rules import (
     _check_sampling,
     _check_sampling_keys,
     _check_sizes_and_paths,
+    _check_steps,
     _check_strategy,
     _check_warm_start,
 )
@@ -96,7 +97,6 @@ RANGES = {
     "training.sampling_eps": (0.0, 0.5, False),
     "training.freeze_decoder_steps": (0, None, True),
     "eval.num_particles": (1, None, True),
-    "sampling.steps": (1, None, True),
     "sampling.num_sample_batches": (0, None, True),
     "sampling.top_k": (0, None, True),
     "loader.global_batch_size": (1, None, True),
@@ -131,6 +131,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_range(cfg, key, lo, hi, integer)
     rules = (
         _check_group_selection,
+        _check_steps,
         _check_booleans,
         _check_sizes_and_paths,
         _check_data,

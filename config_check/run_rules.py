@@ -3,7 +3,7 @@ resume and warm start, the strategy, and the sampler's fit to the model."""
 
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 import algorithms
 from config_check.model_rules import CONFIG_DIR
@@ -53,6 +53,25 @@ def _check_strategy(cfg):
 # logger -> (the packages of which one must be installed, the pip extra that brings it)
 LOGGER_PACKAGES = {"tensorboard": (("tensorboardX", "tensorboard"), "tensorboard"),
                    "wandb": (("wandb",), "wandb")}  # fmt: skip
+
+
+def _check_steps(cfg):
+    """sampling.steps: a number of steps, or (sample_eval) a list of them: one process
+    samples at each, loading the checkpoint and the judge once (scripts/steps_sweep.py)."""
+    steps = cfg.sampling.steps
+    many = isinstance(steps, ListConfig)
+    values = list(steps) if many else [steps]
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    if not ok or (many and not values):
+        raise ConfigError(
+            f"sampling.steps={steps} must be an integer >= 1, or for mode=sample_eval a "
+            "list of them (sampling.steps=[16,64,256])"
+        )
+    if many and cfg.mode != "sample_eval":
+        raise ConfigError(
+            f"sampling.steps={steps} is a list: only mode=sample_eval samples at several step "
+            "counts; give one number (validation samples at it)"
+        )
 
 
 def _check_logger(cfg):

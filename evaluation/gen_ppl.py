@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -74,7 +75,9 @@ def load_judge(name_or_path: str = DEFAULT_JUDGE, device: str | torch.device = "
     """The judge named by a hub id, a local folder or the alias `smollm2`; cached per process."""
     key = (name_or_path, str(torch.device(device)))
     if key not in _JUDGES:
+        start = time.time()
         _JUDGES[key] = _load(name_or_path, torch.device(device))
+        print(f"[gen_ppl] judge {name_or_path} loaded in {time.time() - start:.1f} s", flush=True)
     return _JUDGES[key]
 
 

@@ -1,9 +1,12 @@
 """Sample quality vs number of sampling steps, several models side by side.
 
-For every run and step count T, runs `main.py mode=sample_eval sampling.steps=T
-eval.checkpoint_path=<CHECKPOINT>` in its own process (`hydra.run.dir=<out>/<run>/T<T>`),
-reads the samples JSON it wrote and collects gen-PPL (when the samples were scored:
+For every run, one `main.py mode=sample_eval sampling.steps=[T1,T2,...]
+eval.checkpoint_path=<CHECKPOINT>` process (`hydra.run.dir=<out>/<run>`) samples at every
+step count: the checkpoint and the judge load once. The sweep reads the samples JSON of
+each T and collects gen-PPL (when the samples were scored:
 eval.compute_generative_perplexity=True), unigram entropy, NFE per sequence and seconds.
+Step counts whose samples the same command wrote before are not sampled again (`--force`
+redoes them); each T's result line is echoed as it comes.
 
   python scripts/steps_sweep.py --out outputs/steps --steps 16 32 64 128 \\
       --run "VADD fixz=True" vadd.ckpt sampling.fixz=True sampling.predictor=vae_cache \\
@@ -32,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zero_shot_sweep import (
+    Finished,
     hydra_value,
     prints_only,
+    reuse_results,
     run_main,
     run_parallel,
     split_at_double_dash,
@@ -55,38 +60,47 @@ class Run:
         return re.sub(r"[^\w.+-]", "_", self.name)
 
 
-@dataclass
-class Job:
-    run: Run
-    steps: int
-
-    def overrides(self, common: list[str]) -> list[str]:
-        return [
-            "mode=sample_eval",
-            *common,
-            f"eval.checkpoint_path={hydra_value(self.run.checkpoint)}",
-            *self.run.overrides,
-            f"sampling.steps={self.steps}",
-        ]
-
-    def dir(self, out: Path) -> Path:
-        return out / self.run.folder / f"T{self.steps}"
+def overrides(run: Run, common: list[str]) -> list[str]:
+    """main.py's overrides for `run`, without the step counts."""
+    checkpoint = f"eval.checkpoint_path={hydra_value(run.checkpoint)}"
+    return ["mode=sample_eval", *common, checkpoint, *run.overrides]
 
 
-def sample(job: Job, out: Path, common: list[str]) -> dict:
-    """One sample_eval run -> its numbers, or its error."""
-    run_dir = job.dir(out)
-    for stale in run_dir.glob("samples_*.json"):  # never report a previous run's samples
-        stale.unlink()
-    done = run_main(job.overrides(common), run_dir)
-    found = sorted(run_dir.glob("samples_*.json"), key=lambda p: p.stat().st_mtime)
-    error = done.error or (None if found else f"main.py finished but wrote no samples in {run_dir}")
-    record = {"steps": job.steps, "returncode": done.returncode, "wall_seconds": done.wall_seconds}
-    tag = f"[steps_sweep] {job.run.name} T={job.steps}"
-    if error is not None:
+def samples_file(run_dir: Path, steps: int) -> Path | None:
+    """The newest samples JSON main.py wrote for `steps` (samples_<predictor>_T<steps>...)."""
+    mine = re.compile(rf"^samples_.+_T{steps}(_.+)?\.json$")
+    found = [p for p in run_dir.glob("samples_*.json") if mine.match(p.name)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def sample_run(run: Run, steps: list[int], out: Path, common: list[str], force: bool) -> list:
+    """All step counts of one run in one main.py process (`sampling.steps=[...]`: the
+    checkpoint and the judge load once); step counts whose samples the same command wrote
+    before are not sampled again (unless `force`). One record per step count."""
+    run_dir, command = out / run.folder, overrides(run, common)
+    reuse_results(run_dir, command, list(run_dir.glob("samples_*")), force)
+    todo = [t for t in steps if samples_file(run_dir, t) is None]
+    tag = f"[steps_sweep] {run.name}"
+    done = Finished(0, 0.0, None)
+    if todo:
+        print(f"{tag}: sampling at T = {todo} ({len(steps) - len(todo)} done before)", flush=True)
+        done = run_main([*command, f"sampling.steps=[{','.join(map(str, todo))}]"], run_dir, tag)
+    else:
+        print(f"{tag}: all {len(steps)} step counts done before (--force to redo)", flush=True)
+    return [collect(run, t, run_dir, done, reused=t not in todo) for t in steps]
+
+
+def collect(run: Run, steps: int, run_dir: Path, done: Finished, reused: bool) -> dict:
+    """The numbers of one step count's samples file, or why there is none."""
+    found = samples_file(run_dir, steps)
+    record = {"steps": steps, "returncode": done.returncode, "process_seconds": done.wall_seconds}
+    record["reused"] = reused
+    tag = f"[steps_sweep] {run.name} T={steps}"
+    if found is None:
+        error = done.error or f"main.py finished but wrote no samples for T={steps} in {run_dir}"
         print(f"{tag}: FAILED: {error}", flush=True)
         return {**record, "status": "failed", "error": error}
-    saved = json.loads(found[-1].read_text())
+    saved = json.loads(found.read_text())
     numbers = {key: saved.get(key) for key in COLLECTED}
     gen_ppl = {k: v for k, v in saved.items() if k.startswith("gen_ppl") and _scalar(v)}
     print(
@@ -99,7 +113,7 @@ def sample(job: Job, out: Path, common: list[str]) -> dict:
         **gen_ppl,
         **numbers,
         "judge": _judge(saved) if gen_ppl else None,
-        "samples_file": str(found[-1]),
+        "samples_file": str(found),
     }
 
 
@@ -185,7 +199,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=1,
         metavar="N",
-        help="(run, T) pairs sampled at once (default 1; >1 shares devices and skews `seconds`)",
+        help="runs sampled at once (default 1; >1 shares devices and skews `seconds`)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="sample again what an earlier run finished"
     )
     args = parser.parse_args(argv)
     if any(len(r) < 2 for r in args.run):
@@ -204,19 +221,25 @@ def main() -> int:
     argv, common = split_at_double_dash(sys.argv[1:])
     args = parse_args(argv)
     out = args.out.resolve()
-    jobs = [Job(run, t) for run in args.runs for t in args.steps]
     if prints_only(common):
-        return max(run_main(job.overrides(common), job.dir(out)).returncode for job in jobs)
-    records = run_parallel(lambda job: sample(job, out, common), jobs, args.jobs)
+        steps = f"sampling.steps=[{','.join(map(str, args.steps))}]"
+        return max(
+            run_main([*overrides(run, common), steps], out / run.folder).returncode
+            for run in args.runs
+        )
+    per_run = run_parallel(
+        lambda run: sample_run(run, args.steps, out, common, args.force), args.runs, args.jobs
+    )
     runs = {
         run.name: {
             "checkpoint": run.checkpoint,
             "overrides": run.overrides,
             "folder": run.folder,
-            "results": [r for job, r in zip(jobs, records, strict=True) if job.run is run],
+            "results": results,
         }
-        for run in args.runs
+        for run, results in zip(args.runs, per_run, strict=True)
     }
+    records = [r for results in per_run for r in results]
     judges = {r["judge"] for r in records if r.get("judge")}
     summary = {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -225,15 +248,16 @@ def main() -> int:
         "judge": ", ".join(sorted(judges)) or None,
         "runs": runs,
         "failed": [
-            f"{job.run.name} T={job.steps}"
-            for job, r in zip(jobs, records, strict=True)
+            f"{name} T={r['steps']}"
+            for name, run in runs.items()
+            for r in run["results"]
             if r["status"] != "ok"
         ],
     }
     write_json(out / "steps_sweep.json", summary)
     plot(summary, out / "steps_sweep.png")
-    ok = len(jobs) - len(summary["failed"])
-    print(f"[steps_sweep] {ok}/{len(jobs)} ok -> {out}/steps_sweep.json, steps_sweep.png")
+    ok = len(records) - len(summary["failed"])
+    print(f"[steps_sweep] {ok}/{len(records)} ok -> {out}/steps_sweep.json, steps_sweep.png")
     return 1 if summary["failed"] else 0
 
 

@@ -19,7 +19,9 @@ print each run's config instead of evaluating.
 Writes <out>/zero_shot.json (per dataset: ppl, nll, ppl_std, ppl_per_draw, bound, weights,
 ppl_times, num_particles, tokens, seconds, or the error) and <out>/zero_shot.md (a table).
 Exits 1 if any dataset failed, after writing both files. Re-running into the same --out
-replaces the previous results. This file also holds the helpers steps_sweep.py uses.
+reuses each result its same command wrote (no process is started; `--force` redoes them);
+a job's result lines are echoed while it runs. This file also holds the helpers
+steps_sweep.py uses.
 """
 
 import argparse
@@ -44,6 +46,8 @@ FIELDS = "ppl nll ppl_std ppl_per_draw bound weights ppl_times num_particles tok
 HYDRA_PRINT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 NAME = re.compile(r"^[\w.+-]+$")
+# the lines of a job's output echoed while it runs
+PROGRESS = ("[ppl_eval]", "[sample_eval]", "[gen_ppl]", "[vadd] architecture")
 
 
 # ---------------------------------------------------------------- running main.py (shared)
@@ -108,8 +112,9 @@ def error_line(stderr: str, returncode: int) -> str:
     return line[:500]
 
 
-def run_main(overrides: list[str], run_dir: Path) -> Finished:
-    """Run `main.py <overrides> hydra.run.dir=<run_dir>`; its output goes to run_dir/*.log."""
+def run_main(overrides: list[str], run_dir: Path, tag: str = "") -> Finished:
+    """Run `main.py <overrides> hydra.run.dir=<run_dir>`; its output goes to run_dir/*.log,
+    and its result lines ([ppl_eval] ..., [sample_eval] ...) are echoed as they come."""
     args = [*overrides, f"hydra.run.dir={hydra_value(str(run_dir))}"]
     cmd = [sys.executable, str(MAIN), *hydra_flags_last(args)]
     if prints_only(overrides):  # nothing to collect: let the printout through
@@ -117,12 +122,29 @@ def run_main(overrides: list[str], run_dir: Path) -> Finished:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith(PROGRESS):
+                print(f"{tag}  {line.rstrip()}" if tag else line.rstrip(), flush=True)
+        proc.wait()
     wall = round(time.time() - start, 2)
-    (run_dir / "stdout.log").write_text(proc.stdout)
-    (run_dir / "stderr.log").write_text(proc.stderr)
-    error = None if proc.returncode == 0 else error_line(proc.stderr, proc.returncode)
+    stderr = (run_dir / "stderr.log").read_text()
+    error = None if proc.returncode == 0 else error_line(stderr, proc.returncode)
     return Finished(proc.returncode, wall, error)
+
+
+def reuse_results(run_dir: Path, command: list[str], results: list[Path], force: bool) -> None:
+    """Skip finished work: the result files in run_dir stay when the same command made
+    them (run_dir/sweep_command.json); with --force or another command they are removed."""
+    marker = run_dir / "sweep_command.json"
+    same = marker.exists() and json.loads(marker.read_text()) == command
+    if force or not same:
+        for path in results:
+            path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(command) + "\n")
 
 
 def run_parallel(fn: Callable, items: Iterable, jobs: int) -> list:
@@ -161,16 +183,23 @@ def parse_dataset(spec: str) -> Dataset:
     return Dataset(name, overrides)
 
 
-def evaluate(dataset: Dataset, out: Path, common: list[str]) -> dict:
-    """One ppl_eval run -> its numbers, or its error."""
+def evaluate(dataset: Dataset, out: Path, common: list[str], force: bool = False) -> dict:
+    """One ppl_eval run -> its numbers, or its error; a result of the same command is
+    reused (no process started) unless `force`."""
     run_dir = out / dataset.name
     result_file = run_dir / "ppl_eval.json"
-    result_file.unlink(missing_ok=True)  # never report a previous run's numbers
-    done = run_main(["mode=ppl_eval", *common, *dataset.overrides], run_dir)
+    overrides = ["mode=ppl_eval", *common, *dataset.overrides]
+    reuse_results(run_dir, overrides, [result_file], force)
+    record = {"data_overrides": dataset.overrides}
+    if result_file.exists():
+        print(f"[zero_shot] {dataset.name}: done before (--force to redo)", flush=True)
+        done, record["reused"] = Finished(0, 0.0, None), True
+    else:
+        print(f"[zero_shot] {dataset.name}: evaluating ...", flush=True)
+        done = run_main(overrides, run_dir, f"[zero_shot] {dataset.name}")
     missing = None if result_file.exists() else f"main.py finished but wrote no {result_file}"
     error = done.error or missing
-    record = {"data_overrides": dataset.overrides, "returncode": done.returncode}
-    record["wall_seconds"] = done.wall_seconds
+    record.update(returncode=done.returncode, wall_seconds=done.wall_seconds)
     if error is not None:
         print(f"[zero_shot] {dataset.name}: FAILED: {error}", flush=True)
         return {"status": "failed", "error": error, **record}
@@ -244,6 +273,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="N",
         help="datasets evaluated at once (default 1; >1 shares devices and skews `seconds`)",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="evaluate again what an earlier run finished"
+    )
     args = parser.parse_args(argv)
     names = [d.name for d in args.datasets]
     if len(set(names)) != len(names):
@@ -260,7 +292,7 @@ def main() -> int:
             run_main(["mode=ppl_eval", *common, *d.overrides], out / d.name) for d in args.datasets
         ]
         return max(d.returncode for d in done)
-    records = run_parallel(lambda d: evaluate(d, out, common), args.datasets, args.jobs)
+    records = run_parallel(lambda d: evaluate(d, out, common, args.force), args.datasets, args.jobs)
     summary = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "checkpoint": checkpoint_of(common),

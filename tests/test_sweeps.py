@@ -149,6 +149,8 @@ def test_steps_sweep_three_runs_two_step_counts(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     summary = json.loads((out / "steps_sweep.json").read_text())
     assert summary["steps"] == [2, 4] and summary["failed"] == []
+    for folder in ("VADD_fixz_True", "VADD_fixz_False", "MDLM"):  # one process per run
+        assert "sampling.steps=[2,4]" in (out / folder / "command.txt").read_text()
     runs = summary["runs"]
     assert list(runs) == ["VADD fixz=True", "VADD fixz=False", "MDLM"]
     expected = {
@@ -164,9 +166,43 @@ def test_steps_sweep_three_runs_two_step_counts(checkpoints, tmp_path):
             assert 0 < r["unigram_entropy"] <= math.log(64) + 1e-9
             assert 0 < r["nfe_per_sequence"] <= r["steps"] + 1 and r["seconds"] >= 0
             assert r["num_samples"] == 2
-            assert Path(r["samples_file"]).parent == out / run["folder"] / f"T{r['steps']}"
+            assert Path(r["samples_file"]).parent == out / run["folder"]
+            assert f"_T{r['steps']}" in Path(r["samples_file"]).name and not r["reused"]
     png = (out / "steps_sweep.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+
+def test_steps_sweep_two_runs_four_step_counts_one_judge_each_and_a_rerun_does_nothing(
+    checkpoints, tmp_path
+):
+    out = tmp_path / "steps"
+    args = [
+        "--out", str(out), "--steps", "1", "2", "4", "8",
+        *["--run", "VADD", str(checkpoints["vae"])],
+        *["--run", "MDLM", str(checkpoints["mdlm"]), "training.loss_type=mdlm"],
+        "--", *TINY, "loader.eval_batch_size=2", "sampling.num_sample_batches=1",
+        "eval.compute_generative_perplexity=True", "eval.gen_ppl_eval_model_name_or_path=smollm2",
+    ]  # fmt: skip
+    first = sweep("steps_sweep.py", *args)
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    summary = json.loads((out / "steps_sweep.json").read_text())
+    for folder in ("VADD", "MDLM"):
+        log = (out / folder / "stdout.log").read_text()
+        assert log.count("[gen_ppl] judge smollm2 loaded") == 1  # one judge for 4 step counts
+        assert log.count("[sample_eval]") == 4
+    results = [r for run in summary["runs"].values() for r in run["results"]]
+    assert len(results) == 8 and all(r["gen_ppl"] > 1 and not r["reused"] for r in results)
+    assert "[steps_sweep] VADD T=1" in first.stdout and "[gen_ppl] judge" in first.stdout
+    commands = {f: (out / f / "command.txt").stat().st_mtime_ns for f in ("VADD", "MDLM")}
+    again = sweep("steps_sweep.py", *args)  # the same sweep again: every result is reused
+    assert again.returncode == 0 and again.stdout.count("done before (--force to redo)") == 2
+    assert {f: (out / f / "command.txt").stat().st_mtime_ns for f in commands} == commands
+    rerun = json.loads((out / "steps_sweep.json").read_text())
+    for name, run in rerun["runs"].items():
+        for old, new in zip(summary["runs"][name]["results"], run["results"], strict=True):
+            assert new["reused"] and new["gen_ppl"] == old["gen_ppl"]
+    more = sweep("steps_sweep.py", *[a if a != "8" else "16" for a in args])  # T=16 only is new
+    assert more.returncode == 0 and "sampling at T = [16] (3 done before)" in more.stdout
 
 
 def test_steps_sweep_records_a_failing_run_and_still_writes_its_files(tmp_path):
