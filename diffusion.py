@@ -9,7 +9,6 @@ What does not: the algorithm's loss and bound (algorithms/), sampling (sampling/
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -20,36 +19,13 @@ import sharding
 import utils
 from algorithms import get_algorithm, losses, objectives
 from checkpointing import interchange
-from errors import NonFiniteLossError, VaddError  # noqa: F401  (re-exported)
+from checkpointing.checkpoints import load_for_eval, read_checkpoint
+from data.tokenization import Vocab, tokenizer_from_state
+from errors import CheckpointError, NonFiniteLossError, VaddError  # noqa: F401  (re-exported)
 from evaluation import latent_diagnostics
 from models import build_networks
 from models.ema import ExponentialMovingAverage
 from noise_schedule import get_noise
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Token ids. `size` real tokens (ids 0..size-1); the [MASK] id is `size`.
-
-    Non-text data (tokenization.GridTokenizer) has no BOS / EOS / PAD: those ids are None.
-    """
-
-    size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-
-    @property
-    def mask_id(self) -> int:
-        return self.size
-
-    @property
-    def model_size(self) -> int:
-        return self.size + 1
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "Vocab":
-        return cls(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
 
 class Diffusion(L.LightningModule):
@@ -86,11 +62,27 @@ class Diffusion(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location="cpu", use_ema=True, **_):
-        """A ready model from a vadd checkpoint or exported folder; its config, vocabulary
-        and tokenizer come from the file (checkpointing/loading.py)."""
-        from checkpointing.loading import load_model
-
-        return load_model(checkpoint_path, use_ema=use_ema, map_location=map_location)
+        """A ready model from a vadd checkpoint or exported folder: config, vocabulary and
+        tokenizer (`.tokenizer`) from the file, the EMA weights (use_ema=False: the raw
+        ones) in the networks, eval mode. Lightning's name; no hyper-parameters needed."""
+        ckpt, path = read_checkpoint(str(checkpoint_path)), str(checkpoint_path)
+        vadd = ckpt.get("vadd") or {}
+        if "config" not in vadd:
+            raise CheckpointError(
+                f"{path} holds no vadd config (an MDLM checkpoint?): warm-start a vadd run "
+                "from it with model.init_from=<path>"
+            )
+        cfg = OmegaConf.create(vadd["config"])
+        cfg.eval.disable_ema = not use_ema
+        module = cls(cfg, Vocab(**vadd["vocab"]), vadd.get("tokenizer"))
+        load_for_eval(module, ckpt, path)
+        if module.ema is not None:
+            if use_ema:  # the weights every evaluation of this checkpoint reports
+                module.ema.copy_to(module.trainable_parameters())
+            module.ema = None  # the networks hold the chosen weights: nothing to swap
+        state = vadd.get("tokenizer")
+        module.tokenizer = tokenizer_from_state(state) if state else None
+        return module.to(map_location).eval()
 
     def networks(self) -> list[torch.nn.Module]:
         return [self.backbone] + ([self.encoder] if self.encoder is not None else [])

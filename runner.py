@@ -1,8 +1,11 @@
 """What each mode does, step by step: build the trainer, derive batch sizes, run the job."""
 
 import copy
+import logging
 import os
+import time
 import uuid
+import warnings
 from contextlib import nullcontext
 
 import fsspec
@@ -25,6 +28,19 @@ from evaluation.jobs import run_ppl_eval, run_sample_eval
 from models import count_parameters
 
 MODULE_OWNED_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val")  # manual optimisation
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning prints a product tip at every Trainer: not ours to show in every log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+# The training loader is resumable (data/order.py's sampler state is in every checkpoint),
+# but not through Lightning's _Stateful interface, so Lightning warns on a mid-epoch resume.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -216,11 +232,48 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
             os.makedirs(save_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(save_dir, "config.yaml"), resolve=True)
         log_config(trainer, cfg)
+        start, first_step = time.time(), trainer.global_step
         trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
+        if trainer.is_global_zero:
+            summarise_training(cfg, trainer, trainer.global_step - first_step, time.time() - start)
     if cfg.logger == "wandb" and trainer.is_global_zero:
         import wandb
 
         wandb.finish()  # files flushed; a next job in this process (multirun) gets its own run
+
+
+def summarise_training(cfg: DictConfig, trainer: L.Trainer, steps: int, seconds: float) -> dict:
+    """What a finished (or stopped) run did, printed and in <save_dir>/train_summary.json:
+    steps and tokens of this process's fit, wall time, the last and best validation NLL,
+    the checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    best = next(
+        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor
+         == "val/nll"), None,
+    )  # fmt: skip
+    folder = os.path.join(cfg.checkpointing.save_dir, "checkpoints")
+    summary = {
+        "global_step": trainer.global_step,
+        "steps_this_run": steps,
+        "tokens_this_run": steps * int(cfg.loader.global_batch_size) * int(cfg.model.length),
+        "wall_seconds": round(seconds, 1),
+        "last_validation": metrics,
+        "best_val_nll": None if best is None or best.best_model_score is None
+        else float(best.best_model_score),
+        "best_checkpoint": (best.best_model_path or None) if best else None,
+        "last_checkpoint": os.path.join(folder, "last.ckpt"),
+    }  # fmt: skip
+    utils.write_json(os.path.join(cfg.checkpointing.save_dir, "train_summary.json"), summary)
+    last = f"val/nll {metrics['val/nll']:.4f}" if "val/nll" in metrics else "no validation"
+    bests = f", best {summary['best_val_nll']:.4f}" if summary["best_val_nll"] is not None else ""
+    utils.print0(
+        f"[vadd] trained {steps} steps ({summary['tokens_this_run']:,} tokens) in "
+        f"{seconds / 60:.1f} min to step {trainer.global_step}; {last}{bests}; checkpoints in "
+        f"{folder}; {cfg.checkpointing.save_dir}/train_summary.json"
+    )
+    return summary
 
 
 def ppl_eval(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, ckpt) -> dict:

@@ -9,7 +9,9 @@ import hashlib
 import importlib.util
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -217,7 +219,7 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=list(SPECIALS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # a bar on a terminal, nothing in log files
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
@@ -276,3 +278,28 @@ def tokenizer_from_state(state: dict) -> PreTrainedTokenizerBase | GridTokenizer
 
 def detokenizer_for(data_cfg: DictConfig, source: Source) -> Callable[[str], str] | None:
     return source.detokenizer if data_cfg.detokenize else None
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token ids. `size` real tokens (ids 0..size-1); the [MASK] id is `size`.
+
+    Non-text data (tokenization.GridTokenizer) has no BOS / EOS / PAD: those ids are None.
+    """
+
+    size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    @property
+    def mask_id(self) -> int:
+        return self.size
+
+    @property
+    def model_size(self) -> int:
+        return self.size + 1
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "Vocab":
+        return cls(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.sources import remote_access
@@ -278,7 +279,8 @@ def _score(chunks: list[list[int]], judge: Judge, batch_size: int) -> tuple[list
     order = sorted(range(len(chunks)), key=lambda k: len(chunks[k]), reverse=True)
     nll, counts = [0.0] * len(chunks), [0] * len(chunks)
     device = judge.model.device
-    for begin in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)  # a bar on a terminal, nothing in a log file
+    for begin in tqdm(starts, desc="judge", unit="batch", disable=None, leave=False):
         batch = order[begin : begin + batch_size]
         ids, mask = _pad([chunks[k] for k in batch], device)
         logits = judge.model(input_ids=ids, attention_mask=mask).logits

@@ -4,12 +4,15 @@ Both write JSON next to the run (eval.output_dir) that names the protocol, so a 
 can always be traced to the bound, weights and draws it came from.
 """
 
+import hashlib
+import json
 import time
 from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 import utils
 from algorithms import get_algorithm
@@ -106,7 +109,8 @@ def draw_samples(cfg: DictConfig, module: "Diffusion", predictor: str, fixz: boo
     gen = torch.Generator(device=module.device).manual_seed(int(sp.seed))
     x_init = None if x_init is None else x_init.repeat(batch, 1)  # the same for every row
     tokens, nfe = [], []
-    for _ in range(sp.num_sample_batches):
+    bar = f"sampling T={sp.steps}" if predictors.get_predictor(predictor).uses_steps else "sampling"
+    for _ in tqdm(range(sp.num_sample_batches), desc=bar, unit="batch", disable=None):
         x, stats = generate(
             module, num_samples=batch, predictor=predictor, steps=sp.steps, fixz=fixz,
             generator=gen, x_init=x_init, top_k=sp.top_k, top_p=sp.top_p, order=sp.order,
@@ -115,6 +119,32 @@ def draw_samples(cfg: DictConfig, module: "Diffusion", predictor: str, fixz: boo
         nfe.append(stats["nfe_per_sequence"])
     tokens = torch.cat(tokens) if tokens else torch.empty(0, 0, dtype=torch.long)
     return tokens, sum(nfe) / max(len(nfe), 1)
+
+
+def readable_text(row: list[int], given: list[bool], tokenizer) -> str:
+    """One sample for the .txt file: BOS / PAD dropped, EOS a line break (a document
+    boundary), the tokens the conditioning gave (prefix, suffix, template) in [[ ]]."""
+    drop = {tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}
+    parts, run, run_given = [], [], False
+
+    def flush():
+        text = tokenizer.decode(run) if run else ""
+        parts.append(f"[[{text}]]" if run_given and text else text)
+        run.clear()
+
+    for token, is_given in zip(row, given, strict=True):
+        if token in drop:
+            continue
+        if token == tokenizer.eos_token_id:
+            flush()
+            parts.append("\n")
+            continue
+        if is_given != run_given:
+            flush()
+            run_given = is_given
+        run.append(token)
+    flush()
+    return "".join(parts).strip()
 
 
 def score_samples(cfg: DictConfig, tokens: torch.Tensor, tokenizer, device) -> dict:
@@ -134,10 +164,19 @@ def score_samples(cfg: DictConfig, tokens: torch.Tensor, tokenizer, device) -> d
     return scores
 
 
-def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditional: bool) -> str:
+def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditioning) -> str:
+    """What tells one sample file from another: predictor, T (or order), fixz, top-p /
+    top-k when on, seed, and a short hash of the conditioning text when there is one."""
+    sp = cfg.sampling
     stepped = predictors.get_predictor(predictor).uses_steps  # any_order: one position a call
-    tag = f"{predictor}_T{cfg.sampling.steps}" if stepped else f"{predictor}_{cfg.sampling.order}"
-    return tag + (f"_fixz{fixz}" if fixz is not None else "") + ("_cond" if conditional else "")
+    tag = f"{predictor}_T{sp.steps}" if stepped else f"{predictor}_{sp.order}"
+    tag += f"_fixz{fixz}" if fixz is not None else ""
+    tag += (f"_p{sp.top_p:g}" if sp.top_p < 1.0 else "") + (f"_k{sp.top_k}" if sp.top_k else "")
+    tag += f"_seed{int(sp.seed)}"
+    if conditioning:
+        text = json.dumps(conditioning, sort_keys=True, default=str).encode()
+        tag += "_cond" + hashlib.sha1(text).hexdigest()[:6]
+    return tag
 
 
 def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: str) -> dict:
@@ -150,8 +189,12 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
     tokens, nfe = draw_samples(cfg, module, predictor, fixz, x_cond)
     seconds = round(time.time() - start, 2)
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
+    given = [False] * (tokens.shape[1] if len(tokens) else 0)
+    if x_cond is not None and len(tokens):  # the tokens the conditioning fixed
+        given = (x_cond.reshape(-1, tokens.shape[1])[0] != module.vocab.mask_id).tolist()
+    readable = [readable_text(row, given, tokenizer) for row in tokens.tolist()]
     conditional = bool(sp.prefix or sp.suffix or sp.template)  # not the set data's BOS frame
-    tag = _sample_tag(cfg, predictor, fixz if uses_z else None, conditional)
+    tag = _sample_tag(cfg, predictor, fixz if uses_z else None, conditional and conditioning)
     out = f"{cfg.eval.output_dir}/samples_{tag}"
     if grid_data.is_grid_data(cfg.data):  # checkerboard JS / image grid, and <out>.png
         scores = grid_data.score_samples(cfg.data, tokens, out)
@@ -179,7 +222,7 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     utils.write_json(out + ".json", results)
-    utils.write_text(out + ".txt", "\n\n==========\n\n".join(texts) + "\n")
+    utils.write_text(out + ".txt", "\n\n==========\n\n".join(readable) + "\n")
     gen = f", gen-PPL {results['gen_ppl']:.2f}" if "gen_ppl" in results else ""
     gen += f", JS {results['js_divergence']:.4f} nats" if "js_divergence" in results else ""
     utils.print0(f"[sample_eval] {len(texts)} samples in {seconds} s{gen} -> {out}.json")

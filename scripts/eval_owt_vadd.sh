@@ -2,7 +2,7 @@
 # Sample a trained OWT VADD model over a sweep of step counts and score the samples' gen-PPL.
 # Usage: bash scripts/eval_owt_vadd.sh <fixz: True/False> [checkpoint_path] [extra overrides...]
 # STEPS="16 32 64 128 256 512 1024" by default. Results in $OUT_DIR: steps_sweep.json and
-# steps_sweep.png (gen-PPL and unigram entropy vs steps), <run>/T<steps>/samples_*.json.
+# steps_sweep.png (gen-PPL and unigram entropy vs steps), <run>/samples_*_T<steps>_*.json.
 # Runs scripts/steps_sweep.py; use it directly to put several models on one plot.
 set -euo pipefail
 if [ $# -lt 1 ]; then

@@ -204,7 +204,7 @@ def test_hydra_checkerboard_trains_evaluates_and_reports_exact_js(tmp_path):
     assert bound["bound"].startswith("negative DELBO") and bound["tokens"] == 2 * 1024
     assert 0.0 < bound["nll"] < math.log(16) + 0.05  # per coordinate, nats
     for fixz in (True, False):
-        out = json.loads((tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}.json").read_text())
+        out = json.loads((tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}_seed1.json").read_text())
         assert out["num_samples"] == 4 * 256 and out["fixz"] is fixz
         ids = torch.tensor(out["token_ids"])
         assert ids.shape == (1024, 2) and 0 <= ids.min() and ids.max() < 16
@@ -215,7 +215,7 @@ def test_hydra_checkerboard_trains_evaluates_and_reports_exact_js(tmp_path):
         assert out["js_sampling_floor"] < 0.1 and out["samples"][0] == " ".join(
             map(str, out["token_ids"][0])
         )
-        png = tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}.png"
+        png = tmp_path / "eval" / f"samples_vae_T2_fixz{fixz}_seed1.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="trained on grid-16 but the data config gives grid-8"):
         hydra_jobs.run_job(tmp_path / "eval", *evaluated, "mode=sample_eval", "data.bins=8")

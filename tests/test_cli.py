@@ -203,6 +203,7 @@ def test_multirun_jobs_run_in_one_process_each_in_its_folder(tmp_path):
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "💡" not in proc.stdout + proc.stderr  # Lightning's product tip is filtered out
     for num, loss in ((0, "mdlm"), (1, "vae")):
         job = tmp_path / str(num)
         assert (job / "checkpoints" / "last.ckpt").exists()

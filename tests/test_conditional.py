@@ -517,8 +517,15 @@ def test_sample_eval_records_the_conditioning_and_keeps_the_text(tmp_path, cache
     _, module, tokenizer = build(cfg)
     results = run_sample_eval(cfg, module, tokenizer, "untrained")
     predictor = cfg.sampling.predictor
-    tag = "vae_cache_T4_fixzTrue" if predictor == "vae_cache" else "any_order_random_fixzFalse"
-    saved = json.loads((tmp_path / f"samples_{tag}_cond.json").read_text())
+    cached = predictor == "vae_cache"
+    tag = "vae_cache_T4_fixzTrue_k20" if cached else "any_order_random_fixzFalse_p0.9"
+    (path,) = tmp_path.glob(f"samples_{tag}_seed1_cond??????.json")  # + the conditioning's hash
+    saved = json.loads(path.read_text())
+    # the .txt: no BOS / EOS markers, the given text marked
+    text_samples = path.with_suffix(".txt").read_text().split("\n\n==========\n\n")
+    assert len(text_samples) == 2 and all(t.startswith("[[In the beginning") for t in text_samples)
+    assert tokenizer.bos_token not in path.with_suffix(".txt").read_text()
+    assert tokenizer.eos_token not in path.with_suffix(".txt").read_text()
     cond = saved["conditioning"]
     assert {k: cond[k] for k in ("prefix", "suffix", "template")} == {
         k: cfg.sampling[k] for k in ("prefix", "suffix", "template")
@@ -536,6 +543,7 @@ def test_sample_eval_records_the_conditioning_and_keeps_the_text(tmp_path, cache
     assert all(text.startswith(start) for text in saved["samples"]), saved["samples"]
     if predictor == "vae_cache":
         assert all(t.endswith(" and the earth" + tokenizer.eos_token) for t in saved["samples"])
+        assert all(t.strip().endswith("[[ and the earth]]") for t in text_samples)
     else:
         assert saved["steps"] is None and saved["order"] == "random"
         assert results["nfe_per_sequence"] == cond["free_positions"]
@@ -555,7 +563,7 @@ def test_unconditional_samples_get_the_framing_every_training_row_has(tmp_path, 
     assert cfg.data.wrap
     _, module, tokenizer = build(cfg)
     results = run_sample_eval(cfg, module, tokenizer, "untrained")
-    (path,) = tmp_path.glob("samples_any_order_left_to_right_fixzTrue.json")  # not "_cond"
+    (path,) = tmp_path.glob("samples_any_order_left_to_right_fixzTrue_seed1.json")  # not "_cond"
     saved = json.loads(path.read_text())
     tokens = torch.tensor(saved["token_ids"])
     given = 2 if frame == "auto" else 0

@@ -237,11 +237,11 @@ def test_train_then_ppl_eval_then_sample_eval_from_the_command_line(tmp_path):
                 "loader.eval_batch_size=3",
             ]
         )
-        out = json.loads((eval_dir / f"samples_vae_T8_fixz{fixz}.json").read_text())
+        out = json.loads((eval_dir / f"samples_vae_T8_fixz{fixz}_seed1.json").read_text())
         assert out["num_samples"] == 3 and out["fixz"] == (fixz == "True")
         assert all(len(ids) == 64 for ids in out["token_ids"])
         assert all(max(ids) < 2048 for ids in out["token_ids"])  # no [MASK] left
-        assert (eval_dir / f"samples_vae_T8_fixz{fixz}.txt").exists()
+        assert (eval_dir / f"samples_vae_T8_fixz{fixz}_seed1.txt").exists()
 
 
 @pytest.mark.parametrize("limit,expected", [(None, 1.0), (3, 3), (0.5, 0.5)])
@@ -354,7 +354,7 @@ def test_sample_eval_scores_every_sample_with_the_judge(tmp_path):
     assert results["gen_ppl_details"]["num_samples"] + results["gen_ppl_details"]["num_empty"] == 5
     assert math.isfinite(results["gen_ppl"]) and results["gen_ppl"] > 1
     assert results["unigram_entropy"] > 0
-    saved = json.loads((tmp_path / "samples_vae_T4_fixzTrue.json").read_text())
+    saved = json.loads((tmp_path / "samples_vae_T4_fixzTrue_seed1.json").read_text())
     assert saved["gen_ppl"] == results["gen_ppl"]
 
 
@@ -473,3 +473,16 @@ def test_every_logger_gets_the_resolved_config(tmp_path, logger):
         saved = OmegaConf.create(_wandb_config(path))
     assert saved.model.latent_dim == 12 and saved.T == 7
     assert saved.training.kl_weighting == "steps" and saved.data.name == "bible"
+
+
+def test_a_training_run_ends_with_a_summary(tmp_path, capsys):
+    main.run(make_cfg(tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                      "logger=none"))  # fmt: skip
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["global_step"] == summary["steps_this_run"] == 3
+    assert summary["tokens_this_run"] == 3 * 8 * 64  # steps x global batch x length
+    assert summary["last_validation"]["val/nll"] == pytest.approx(summary["best_val_nll"])
+    assert Path(summary["best_checkpoint"]).exists() and Path(summary["last_checkpoint"]).exists()
+    captured = capsys.readouterr()
+    assert "[vadd] trained 3 steps (1,536 tokens)" in captured.out
+    assert "💡" not in captured.out + captured.err

@@ -297,7 +297,7 @@ def test_export_then_import_gives_identical_ppl_and_samples(tmp_path):
             validate_config(cfg)
             main.run(cfg)
         ppl = json.loads((out / "ppl_eval.json").read_text())
-        samples = json.loads((out / "samples_vae_T8_fixzTrue.json").read_text())
+        samples = json.loads((out / "samples_vae_T8_fixzTrue_seed1.json").read_text())
         return _numbers(ppl), samples["token_ids"]
 
     ppl_ckpt, samples_ckpt = evaluate(ckpt, "from_ckpt")
@@ -502,8 +502,9 @@ def test_explicit_keys_of_a_command_line():
 
 
 def test_one_call_loads_a_checkpoint_or_folder_into_a_ready_model(tmp_path):
-    from checkpointing.loading import load_model
     from diffusion import Diffusion
+
+    load_model = Diffusion.load_from_checkpoint
 
     train_dir = tmp_path / "train"
     main.run(make_cfg(train_dir, "trainer.max_steps=3", "training.ema=0.5"))

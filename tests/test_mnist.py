@@ -208,10 +208,10 @@ def test_tiny_pixel_vadd_bpd_decreases_and_writes_a_sample_grid(tmp_path):
     report = json.loads((tmp_path / "eval" / "ppl_eval.json").read_text())
     assert report["bits_per_dim"] == pytest.approx(report["nll"] / np.log(2))
     assert report["bits_per_dim"] < first
-    samples = json.loads((tmp_path / "eval" / "samples_vae_T4_fixzTrue.json").read_text())
+    samples = json.loads((tmp_path / "eval" / "samples_vae_T4_fixzTrue_seed1.json").read_text())
     assert samples["num_samples"] == 16 and samples["images_in_grid"] == 16
     assert all(set(row) <= {0, 1} and len(row) == 784 for row in samples["token_ids"])
-    png = tmp_path / "eval" / "samples_vae_T4_fixzTrue.png"
+    png = tmp_path / "eval" / "samples_vae_T4_fixzTrue_seed1.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     width, height = struct.unpack(">II", png.read_bytes()[16:24])
     assert (width, height) == (3 * (8 * 29 + 1), 3 * (2 * 29 + 1))  # 8 x 2 digits, borders

@@ -160,7 +160,7 @@ def test_verse_set_trains_and_sample_eval_scores_precision(tmp_path):
             "sampling.steps=2",
             f"eval.checkpoint_path={tmp_path}/checkpoints/last.ckpt",
         )
-    (path,) = tmp_path.glob("samples_vae_T2_fixzTrue.json")
+    (path,) = tmp_path.glob("samples_vae_T2_fixzTrue_seed1.json")
     result = json.loads(path.read_text())
     assert result["num_members"] == 8
     assert 0.0 <= result["precision"] <= 1.0
