@@ -368,6 +368,7 @@ class Diffusion(L.LightningModule):
         self._resumed_mid_epoch = False
 
     def on_train_start(self):
+        self.first_step = self.global_step  # after a resume: the restored step
         rng, self._resume_rng = self._resume_rng, None
         if rng is not None:
             utils.set_rng_state(rng[min(self.global_rank, len(rng) - 1)])

@@ -4,6 +4,7 @@ The config is validated before torch, Lightning or the data are touched, so a ba
 fails in seconds with one line (and exit status 2) instead of a stack trace later.
 """
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,16 +32,28 @@ def main(cfg: DictConfig) -> None:
     from checkpointing.architecture import explicit_keys
 
     try:
+        explicit = explicit_keys(list(HydraConfig.get().overrides.task), CONFIG_DIR)
+        ckpt = None
+        path = str(cfg.eval.checkpoint_path or "")
+        if cfg.mode != "train" and ("://" in path or (path and os.path.exists(path))):
+            # evaluation: the checkpoint's architecture first, so that the checks below see
+            # the model the checkpoint holds (e.g. its length for image data)
+            from checkpointing.checkpoints import read_checkpoint
+            from runner import adopt_architecture
+
+            ckpt = read_checkpoint(cfg.eval.checkpoint_path)
+            adopt_architecture(cfg, ckpt, explicit)
         validate_config(cfg)
-        run(cfg, explicit_keys(list(HydraConfig.get().overrides.task), CONFIG_DIR))
+        run(cfg, ckpt=ckpt)
     except VaddError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
-def run(cfg: DictConfig, explicit: dict[str, str] | None = None) -> None:
+def run(cfg: DictConfig, explicit: dict[str, str] | None = None, ckpt: dict | None = None) -> None:
     """Run cfg.mode. `explicit`: the keys the command line set (architecture.explicit_keys);
-    given, an evaluation takes the other architecture keys from its checkpoint."""
+    given, an evaluation takes the other architecture keys from its checkpoint. `ckpt`: the
+    evaluated checkpoint when the caller has read it already."""
     import dataloader  # heavy imports after validation
 
     tokenizer = dataloader.get_tokenizer(cfg.data)  # local data errors show before Lightning loads
@@ -58,7 +71,7 @@ def run(cfg: DictConfig, explicit: dict[str, str] | None = None) -> None:
     if cfg.mode == "train":
         runner.train(cfg, trainer, runner.build_module(cfg, tokenizer), tokenizer, loaders)
         return
-    ckpt = read_checkpoint(cfg.eval.checkpoint_path)
+    ckpt = read_checkpoint(cfg.eval.checkpoint_path) if ckpt is None else ckpt
     if explicit is not None:
         runner.adopt_architecture(cfg, ckpt, explicit)
     tokenizer = runner.eval_tokenizer(ckpt, tokenizer)

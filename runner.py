@@ -194,7 +194,7 @@ def adopt_architecture(cfg: DictConfig, ckpt: dict, explicit: dict[str, str]) ->
     saved = ckpt.get("vadd", {}).get("config")
     changed = architecture.adopt_architecture(cfg, saved, explicit, cfg.eval.checkpoint_path)
     if changed:
-        validate_config(cfg)
+        validate_config(cfg)  # a no-op under main(), which validates after adopting
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         utils.print0(f"[vadd] architecture from the checkpoint: {', '.join(changed[:6])}{more}")
 
@@ -232,10 +232,11 @@ def train(cfg: DictConfig, trainer: L.Trainer, module: Diffusion, tokenizer, loa
             os.makedirs(save_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(save_dir, "config.yaml"), resolve=True)
         log_config(trainer, cfg)
-        start, first_step = time.time(), trainer.global_step
+        start = time.time()
         trainer.fit(module, train_dl, valid_dl, ckpt_path=ckpt)
-        if trainer.is_global_zero:
-            summarise_training(cfg, trainer, trainer.global_step - first_step, time.time() - start)
+        if trainer.is_global_zero:  # steps from the one this fit started at (a resume's)
+            steps = trainer.global_step - getattr(module, "first_step", 0)
+            summarise_training(cfg, trainer, steps, time.time() - start)
     if cfg.logger == "wandb" and trainer.is_global_zero:
         import wandb
 

@@ -15,29 +15,35 @@ from errors import ConfigError
 
 # What decides the networks and the bound: adopted from the checkpoint's saved config.
 TOP_KEYS = ("backbone", "parameterization", "time_conditioning", "training.loss_type")
-GROUPS = ("model", "decoder")  # every key of these groups, except the run-time ones below
-RUNTIME_KEYS = {"model.compile", "model.init_from", "model.init_from_ema"}
+GROUPS = ("model", "decoder", "noise")  # every key of these groups but the ones below
+RUNTIME_KEYS = {"model.compile", "model.init_from", "model.init_from_ema"}  # never adopted
+# Adopted unless the command line sets them, and then the command line wins: kernel
+# choices and dropout change no weight (model.gelu=tanh keeps MDLM's tanh, README "Speed").
+LENIENT_KEYS = {"model.gelu", "model.dropout", "decoder.dropout"}
+GROUP_KINDS = {"noise": "type", "model": "type"}  # the key that says which file a group is
+RUNTIME_NAMES = {key.split(".")[1] for key in RUNTIME_KEYS}
 
 
 def explicit_keys(overrides: list[str], config_dir: str) -> dict[str, str]:
     """The config keys a command line sets, each with what set it: `a.b=v` sets a.b;
     `model=small` the keys configs/model/small.yaml holds (a file with `# @package
     _global_`, e.g. a recipe, holds keys of the whole config)."""
-    keys = {}
+    keys, values = {}, {}
     for arg in overrides:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep:
             continue
         path = os.path.join(config_dir, key, f"{value}.yaml")
         if "." in key or not os.path.isfile(path):
-            keys[key] = "the command line"
+            values[key] = "the command line"
             continue
-        with open(path, encoding="utf-8") as f:
-            prefix = "" if "@package _global_" in f.readline() else f"{key}."
+        with open(path, encoding="utf-8") as f:  # the header sits among the leading comments
+            head = [ln for ln in f.read().splitlines() if ln.strip()][:5]
+        is_global = any("@package _global_" in ln for ln in head if ln.startswith("#"))
         node = OmegaConf.to_container(OmegaConf.load(path)) or {}
         node.pop("defaults", None)
-        keys.update({f"{prefix}{leaf}": arg for leaf in _leaves(node)})
-    return keys
+        keys.update({f"{'' if is_global else key + '.'}{leaf}": arg for leaf in _leaves(node)})
+    return {**keys, **values}  # Hydra applies value overrides after the group files
 
 
 def _leaves(node: dict, prefix: str = "") -> dict:
@@ -60,15 +66,17 @@ def architecture(saved: dict) -> dict:
 
 def adopt_architecture(cfg: DictConfig, saved: dict | None, explicit: dict, path) -> list:
     """Set cfg's architecture keys to the checkpoint's; refuse an explicit value that
-    contradicts it. Returns the keys changed, as 'key=value' strings."""
+    contradicts it. When the checkpoint's noise schedule or network type is not the one
+    the defaults chose, the default group file's other keys are dropped (a loglinear
+    `eps` must not reach a linear schedule). Returns the changes as 'key=value' strings."""
     if not saved:
         return []  # not a vadd checkpoint (e.g. MDLM's own): the config decides
-    changed = []
+    changed, before = [], {g: cfg[g].get(kind) for g, kind in GROUP_KINDS.items()}
     for key, value in architecture(saved).items():
         current = OmegaConf.select(cfg, key, default=None)
-        if current == value:
+        if current == value or (key in LENIENT_KEYS and key in explicit):
             continue
-        if key in explicit:
+        if key in explicit and str(current) != str(value):  # '512' (quoted) is 512
             source = explicit[key]  # "the command line", or the group choice "model=small"
             by, drop = ("on the command line", key)
             if "=" in source:
@@ -81,4 +89,12 @@ def adopt_architecture(cfg: DictConfig, saved: dict | None, explicit: dict, path
         with open_dict(cfg):
             OmegaConf.update(cfg, key, value, force_add=True)
         changed.append(f"{key}={value}")
+    for group, kind in GROUP_KINDS.items():  # another schedule / network type than the
+        mine, theirs = before[group], (saved.get(group) or {}).get(kind)  # defaults had
+        if theirs is None or mine == theirs or any(k.startswith(f"{group}.") for k in explicit):
+            continue
+        stale = set(cfg[group]) - set(saved[group]) - RUNTIME_NAMES
+        with open_dict(cfg):  # the keys of the group file the defaults chose, not this one's
+            for name in stale:
+                del cfg[group][name]
     return changed

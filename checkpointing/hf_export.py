@@ -20,6 +20,7 @@ from algorithms import algorithm_class
 from errors import CheckpointError
 
 MASK_TOKEN = "[MASK]"
+SPARE_MASK_TOKEN = "<|vadd_mask|>"  # when the vocabulary already has a "[MASK]" of its own
 MODEL_FILES = ("modeling_vadd.py", "dit.py", "attention.py")  # from models/
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
@@ -28,7 +29,10 @@ def transformers_keys(cfg: DictConfig, model_size: int) -> dict:
     """config.json keys for AutoConfig / AutoModelForMaskedLM; {} for models that
     modeling_vadd.py does not build (the AR baseline, the toy MLP)."""
     name = algorithm_class(cfg).transformers_class
-    if name is None or cfg.model.get("type", "ddit") != "ddit":  # older runs lack the key
+    m = cfg.model
+    if name is None or m.get("type", "ddit") != "ddit" or cfg.data.get("kind", "text") != "text":
+        return {}  # (older runs lack type / kind: DiTs on text then)
+    if "gelu" not in m or "vocab_multiple" not in m:  # saved before those keys existed
         return {}
     return {
         "model_type": "vadd",
@@ -49,17 +53,21 @@ def write_model_code(out: str) -> None:
             utils.write_text(os.path.join(out, name), f.read())
 
 
-def save_tokenizer(out: str, state: dict, vocab_size: int, length: int) -> None:
-    """tokenizer.json + tokenizer_config.json through save_pretrained, with the mask token
-    at id `vocab_size` (the models' [MASK] id); files replaced atomically."""
+def save_tokenizer(out: str, state: dict, vocab_size: int, length: int) -> str:
+    """tokenizer.json + tokenizer_config.json through save_pretrained, with a mask token
+    at id `vocab_size` (the models' [MASK] id); files replaced atomically. Returns the
+    mask token's text: "[MASK]", or SPARE_MASK_TOKEN when the vocabulary has its own
+    "[MASK]" (BERT's, id 103: not the models' [MASK])."""
     from data.tokenization import tokenizer_from_state
 
     tokenizer = tokenizer_from_state(state)
-    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    vocab = tokenizer.get_vocab()
+    mask = next(t for t in (MASK_TOKEN, SPARE_MASK_TOKEN) if t not in vocab)
+    tokenizer.add_special_tokens({"mask_token": mask})
     if tokenizer.mask_token_id != vocab_size:
         raise CheckpointError(
-            f"the tokenizer already holds {MASK_TOKEN!r} as id {tokenizer.mask_token_id}, "
-            f"not the models' [MASK] id {vocab_size}: export cannot name its mask token"
+            f"the tokenizer has {len(tokenizer) - 1} tokens, not the models' {vocab_size}: "
+            "export cannot put its mask token at the models' [MASK] id"
         )
     tokenizer.model_max_length = length  # the models' fixed sequence length
     with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
@@ -68,14 +76,15 @@ def save_tokenizer(out: str, state: dict, vocab_size: int, length: int) -> None:
             with open(os.path.join(tmp, name), "rb") as f:
                 data = f.read()
             utils.atomic_write(os.path.join(out, name), lambda f, d=data: f.write(d))
+    return mask
 
 
 def without_mask_token(tokenizer_json: str, vocab_size: int) -> str:
-    """An exported tokenizer.json minus the mask token save_tokenizer added (id V): the
-    tokenizer the run was trained with (its fingerprint matches the checkpoint's)."""
+    """An exported tokenizer.json minus the mask token save_tokenizer added (the special
+    token at id V): the tokenizer the run was trained with (its fingerprint matches)."""
     tree = json.loads(tokenizer_json)
     added = tree.get("added_tokens") or []
-    kept = [t for t in added if not (t["content"] == MASK_TOKEN and t["id"] == vocab_size)]
+    kept = [t for t in added if not (t["id"] == vocab_size and t.get("special"))]
     if len(kept) == len(added):
         return tokenizer_json
     tree["added_tokens"] = kept

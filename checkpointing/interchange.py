@@ -269,5 +269,6 @@ def _write_tokenizer(out: str, state: dict | None, vocab_size: int, length: int)
     if state["json"].startswith(f'{{"{GRID_KEY}"'):
         utils.write_text(os.path.join(out, "tokenizer.json"), state["json"])
     else:
-        hf_export.save_tokenizer(out, state, vocab_size, length)
+        mask = hf_export.save_tokenizer(out, state, vocab_size, length)
+        return {**{k: state[k] for k in ("name", "specials", "fingerprint")}, "mask_token": mask}
     return {k: state[k] for k in ("name", "specials", "fingerprint")}

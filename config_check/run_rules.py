@@ -67,6 +67,11 @@ def _check_steps(cfg):
             f"sampling.steps={steps} must be an integer >= 1, or for mode=sample_eval a "
             "list of them (sampling.steps=[16,64,256])"
         )
+    if many and not predictors.resolve(cfg).uses_steps:
+        raise ConfigError(
+            f"sampling.steps={steps}: sampling.predictor={cfg.sampling.predictor} takes one "
+            "position per call and no step count; give one number"
+        )
     if many and cfg.mode != "sample_eval":
         raise ConfigError(
             f"sampling.steps={steps} is a list: only mode=sample_eval samples at several step "

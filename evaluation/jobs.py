@@ -124,7 +124,9 @@ def draw_samples(cfg: DictConfig, module: "Diffusion", predictor: str, fixz: boo
 def readable_text(row: list[int], given: list[bool], tokenizer) -> str:
     """One sample for the .txt file: BOS / PAD dropped, EOS a line break (a document
     boundary), the tokens the conditioning gave (prefix, suffix, template) in [[ ]]."""
-    drop = {tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}
+    # GPT-2's BOS, EOS and PAD are one id: an EOS is a break unless it opens the row (BOS)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    drop = {tokenizer.pad_token_id} - {None, eos}
     parts, run, run_given = [], [], False
 
     def flush():
@@ -132,10 +134,10 @@ def readable_text(row: list[int], given: list[bool], tokenizer) -> str:
         parts.append(f"[[{text}]]" if run_given and text else text)
         run.clear()
 
-    for token, is_given in zip(row, given, strict=True):
-        if token in drop:
+    for i, (token, is_given) in enumerate(zip(row, given, strict=True)):
+        if token in drop or (token == bos and (i == 0 or bos != eos)):
             continue
-        if token == tokenizer.eos_token_id:
+        if token == eos:
             flush()
             parts.append("\n")
             continue

@@ -87,6 +87,8 @@ class VaddForMaskedLM(PreTrainedModel):
         latents); None draws it from the prior N(0, I), as the samplers do. sigma: (B,)
         the noise level, only for models trained with time_conditioning (else 0)."""
         n, length = input_ids.shape
+        if sigma is None and self.config.config.get("time_conditioning"):
+            raise ValueError("this model was trained with time_conditioning=True: pass sigma")
         if sigma is None:
             sigma = torch.zeros(n, device=input_ids.device)
         key_mask = None if attention_mask is None else attention_mask.bool()
@@ -116,12 +118,16 @@ class VaddForMaskedLM(PreTrainedModel):
         sigma: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VADD's r(z | x0, xt): (mu, log_sigma), each (B, d). input_ids: the clean x0;
-        visible: (B, L) True where xt shows the token (None: all visible)."""
+        """VADD's encoder network r(z | x0, xt): (mu, log_sigma), each (B, d). input_ids:
+        the clean x0; visible: (B, L) True where xt shows the token (None: all visible).
+        With decoder.fade_to_prior=True training mixed this with the prior by the mask
+        probability (mean x sqrt(p_t)); that mixing is not applied here."""
         if self.encoder is None:
             raise ValueError("this export is an MDLM model: it has no encoder and no latent")
         if visible is None:
             visible = torch.ones_like(input_ids, dtype=torch.bool)
+        if sigma is None and self.config.config.get("time_conditioning"):
+            raise ValueError("this model was trained with time_conditioning=True: pass sigma")
         if sigma is None:
             sigma = torch.zeros(input_ids.shape[0], device=input_ids.device)
         key_mask = None if attention_mask is None else attention_mask.bool()

@@ -78,7 +78,7 @@ def sample_run(run: Run, steps: list[int], out: Path, common: list[str], force: 
     checkpoint and the judge load once); step counts whose samples the same command wrote
     before are not sampled again (unless `force`). One record per step count."""
     run_dir, command = out / run.folder, overrides(run, common)
-    reuse_results(run_dir, command, list(run_dir.glob("samples_*")), force)
+    reuse_results(run_dir, command, list(run_dir.glob("samples_*")), force, run.checkpoint)
     todo = [t for t in steps if samples_file(run_dir, t) is None]
     tag = f"[steps_sweep] {run.name}"
     done = Finished(0, 0.0, None)

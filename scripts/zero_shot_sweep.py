@@ -135,16 +135,34 @@ def run_main(overrides: list[str], run_dir: Path, tag: str = "") -> Finished:
     return Finished(proc.returncode, wall, error)
 
 
-def reuse_results(run_dir: Path, command: list[str], results: list[Path], force: bool) -> None:
+def file_state(path: str | None) -> list | None:
+    """(size, mtime) of a checkpoint file, or of an exported folder's weights: a retrained
+    last.ckpt is another input than the one a result was computed from."""
+    if not path or "://" in path:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        target = target / "model.safetensors"
+    if not target.exists():
+        return None
+    stat = target.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def reuse_results(
+    run_dir: Path, command: list[str], results: list[Path], force: bool, checkpoint=None
+) -> None:
     """Skip finished work: the result files in run_dir stay when the same command made
-    them (run_dir/sweep_command.json); with --force or another command they are removed."""
+    them from the same checkpoint file (run_dir/sweep_command.json); with --force,
+    another command or a changed checkpoint they are removed."""
     marker = run_dir / "sweep_command.json"
-    same = marker.exists() and json.loads(marker.read_text()) == command
+    key = {"command": command, "checkpoint": file_state(checkpoint)}
+    same = marker.exists() and json.loads(marker.read_text()) == key
     if force or not same:
         for path in results:
             path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(command) + "\n")
+    marker.write_text(json.dumps(key) + "\n")
 
 
 def run_parallel(fn: Callable, items: Iterable, jobs: int) -> list:
@@ -189,7 +207,7 @@ def evaluate(dataset: Dataset, out: Path, common: list[str], force: bool = False
     run_dir = out / dataset.name
     result_file = run_dir / "ppl_eval.json"
     overrides = ["mode=ppl_eval", *common, *dataset.overrides]
-    reuse_results(run_dir, overrides, [result_file], force)
+    reuse_results(run_dir, overrides, [result_file], force, checkpoint_of(common))
     record = {"data_overrides": dataset.overrides}
     if result_file.exists():
         print(f"[zero_shot] {dataset.name}: done before (--force to redo)", flush=True)

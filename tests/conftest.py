@@ -86,3 +86,23 @@ def randomize():
                 p.copy_(std * torch.randn_like(p))
 
     return _randomize
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Records every attempt to open a network connection (and refuses it): a test that
+    must fail "fast" offline asserts the list is empty instead of timing itself."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args, **kwargs):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"no network in this test (tried {address})")
+        return real_connect(self, address, *args, **kwargs)
+
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, a: refuse(self, a))
+    return attempts

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_resume import ENV, ROOT, command, losses
+from tiny import wait_for
 
 import utils
 
@@ -96,10 +97,7 @@ def test_sigkill_mid_save_into_a_folder_on_another_filesystem_keeps_the_old_file
         code = WRITER.format(root=str(ROOT), ready=str(ready), path=str(path))
         env = {**ENV, "TMPDIR": str(tmp_path)}
         proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-        deadline = time.time() + 60
-        while not ready.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.01)
+        wait_for(ready, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert path.read_bytes() == b"the good checkpoint"
@@ -275,10 +273,7 @@ def test_ctrl_c_saves_exits_130_and_the_resume_equals_the_uninterrupted_run(tmp_
         command(stopped, steps), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.time() + 120
-    while not (stopped / "checkpoints" / "step=6.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
+    wait_for(stopped / "checkpoints" / "step=6.ckpt", proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, proc.stderr.read().decode()[-2000:]
     last = stopped / "checkpoints" / "last.ckpt"
@@ -318,10 +313,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_dead_runs_lock_ta
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while not (run_dir / "checkpoints" / "step=3.ckpt").exists():
-            assert first.poll() is None and time.time() < deadline
-            time.sleep(0.02)
+        wait_for(run_dir / "checkpoints" / "step=3.ckpt", first)
         config_written = (run_dir / "config.yaml").stat().st_mtime_ns
         second = run(run_dir, "trainer.max_steps=100000", timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]

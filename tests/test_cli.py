@@ -1,5 +1,6 @@
 """The command line: VADD/MDLM command lines compose, bad input fails fast with one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -219,3 +220,54 @@ def test_the_vadd_command_is_main_py(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and "did you mean data=wikitext2" in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_evaluation_from_the_command_line_takes_the_model_from_the_checkpoint(tmp_path):
+    """`python main.py mode=sample_eval eval.checkpoint_path=...` on a toy-MLP checkerboard
+    run: the network type, sizes and length come from the checkpoint (the defaults'
+    DiT keys dropped) before the start-up checks, which would refuse length 128 there."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    train = [
+        "data=checkerboard",
+        "model=toy_mlp",
+        "recipe=checkerboard",
+        "noise=linear",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        "trainer.enable_progress_bar=False",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", *train],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    evaluate = [
+        "mode=sample_eval",
+        f"eval.checkpoint_path={ckpt}",
+        "data=checkerboard",
+        "sampling.steps=1",
+        "sampling.num_sample_batches=1",
+        "loader.eval_batch_size=64",
+    ]
+    proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'eval'}",
+                           *evaluate], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "architecture from the checkpoint" in proc.stdout and "model.type=toy_mlp" in proc.stdout
+    (samples,) = (tmp_path / "eval").glob("samples_vae_T1_fixzTrue_seed1.json")
+    saved = json.loads(samples.read_text())
+    assert (
+        saved["config"]["model"]["type"] == "toy_mlp" and "n_heads" not in saved["config"]["model"]
+    )
+    assert saved["config"]["noise"] == {"type": "linear", "sigma_min": 1e-3, "sigma_max": 7.0}
+    wrong = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'wrong'}",
+                            *evaluate, "model.hidden_size=64"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert wrong.returncode == 2
+    assert "model.hidden_size=64 on the command line" in wrong.stderr and "128" in wrong.stderr

@@ -572,3 +572,24 @@ def test_unconditional_samples_get_the_framing_every_training_row_has(tmp_path, 
     if frame == "auto":
         assert (tokens[:, 0] == tokenizer.bos_token_id).all()
         assert (tokens[:, -1] == tokenizer.eos_token_id).all()
+
+
+class _WordTokenizer:
+    """decode(ids) = 'w<id>' words; special ids as given (GPT-2: one id for all three)."""
+
+    def __init__(self, bos, eos, pad):
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos, eos, pad
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.mark.parametrize("specials", [(0, 0, 0), (1, 2, 3)])
+def test_readable_text_drops_markers_breaks_at_eos_and_marks_the_given_text(specials):
+    from evaluation.jobs import readable_text
+
+    bos, eos, pad = specials
+    tok = _WordTokenizer(bos, eos, pad)
+    row = [bos, 5, 6, eos, 7, pad, eos]
+    given = [True, True, False, False, False, False, True]  # BOS and a prefix token, EOS frame
+    assert readable_text(row, given, tok) == "[[w5]]w6\nw7"

@@ -486,3 +486,9 @@ def test_a_training_run_ends_with_a_summary(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "[vadd] trained 3 steps (1,536 tokens)" in captured.out
     assert "💡" not in captured.out + captured.err
+    # the same folder again, to step 5: it resumes from last.ckpt at step 3
+    main.run(
+        make_cfg(tmp_path, "trainer.max_steps=5", "trainer.val_check_interval=3", "logger=none")
+    )
+    resumed = json.loads((tmp_path / "train_summary.json").read_text())
+    assert resumed["global_step"] == 5 and resumed["steps_this_run"] == 2

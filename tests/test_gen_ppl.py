@@ -8,7 +8,6 @@ keeps its forward passes few and short because a CPU forward is the cost here.
 import dataclasses
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -60,11 +59,13 @@ def test_real_text_scores_far_below_shuffled_words(judge):
     assert result["start_token"] == "<|endoftext|>"
 
 
-def test_load_judge_is_cached_per_process_and_on_disk(judge):
-    start = time.perf_counter()
+def test_load_judge_is_cached_per_process_and_on_disk(judge, monkeypatch):
+    def no_load(*_):
+        raise AssertionError("the judge was loaded again in the same process")
+
+    monkeypatch.setattr(gen_ppl, "_load", no_load)
     again = gen_ppl.load_judge("smollm2")
     assert again is judge
-    assert time.perf_counter() - start < 0.5
     cached = gen_ppl.judge_cache_dir("smollm2")
     assert (cached / "config.json").is_file() and (cached / "model.safetensors").is_file()
     assert judge.context == 8192 and not judge.model.training
@@ -80,9 +81,7 @@ def test_converted_judge_reloads_from_disk_cache(judge, tmp_path, monkeypatch):
         raise AssertionError("the GGUF was converted again despite the disk cache")
 
     monkeypatch.setattr(gen_ppl, "_smollm2_folder", no_conversion)
-    start = time.perf_counter()
-    reloaded = gen_ppl.load_judge("smollm2")
-    assert time.perf_counter() - start < 20
+    reloaded = gen_ppl.load_judge("smollm2")  # from the disk cache (no_conversion above)
     assert reloaded is not judge
     original = judge.model.state_dict()
     for name, tensor in reloaded.model.state_dict().items():
@@ -117,11 +116,10 @@ def test_interrupted_save_leaves_no_half_copy(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 
-def test_unknown_hub_judge_offline_fails_fast_naming_it():
-    start = time.perf_counter()
+def test_unknown_hub_judge_offline_fails_fast_naming_it(no_network):
     with pytest.raises(VaddError, match="vadd-test/no-such-judge") as info:
         gen_ppl.load_judge("vadd-test/no-such-judge")
-    assert time.perf_counter() - start < 10
+    assert no_network == []  # offline: refused without trying the hub
     message = str(info.value)
     assert "\n" not in message and "smollm2" in message  # one line that names a fix
 

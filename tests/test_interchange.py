@@ -527,3 +527,29 @@ def test_one_call_loads_a_checkpoint_or_folder_into_a_ready_model(tmp_path):
     with pytest.raises(CheckpointError, match="no vadd config"):
         save_mdlm_ckpt(tmp_path / "mdlm.ckpt", reference())
         load_model(tmp_path / "mdlm.ckpt")
+
+
+def test_an_export_names_a_spare_mask_token_when_the_vocabulary_has_its_own(tmp_path):
+    """BERT-style vocabularies (lm1b) hold a "[MASK]" of their own at another id: the export
+    adds a distinct mask token at the models' [MASK] id V, and vadd reads the tokenizer
+    back without it (the training tokenizer, fingerprint and all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from checkpointing import hf_export
+    from data.tokenization import tokenizer_fingerprint, tokenizer_from_state, tokenizer_state
+
+    words = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "the", "earth", "light", "[UNK]"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[CLS]",
+                                  eos_token="[SEP]", pad_token="[PAD]")  # fmt: skip
+    state = tokenizer_state(tok)
+    assert hf_export.save_tokenizer(str(tmp_path), state, len(words), 16) == "<|vadd_mask|>"
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back.mask_token == "<|vadd_mask|>" and back.mask_token_id == len(words)
+    assert back.convert_tokens_to_ids("[MASK]") == 3  # the vocabulary's own token is kept
+    saved = (tmp_path / "tokenizer.json").read_text()
+    ours = tokenizer_from_state({**state, "json": hf_export.without_mask_token(saved, 8)})
+    assert len(ours) == len(words)
+    assert tokenizer_fingerprint(ours) == state["fingerprint"]

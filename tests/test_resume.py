@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import MICRO_MODEL, QUIET
+from tiny import MICRO_MODEL, QUIET, wait_for
 
 import utils
 from data.order import ResumableSampler
@@ -51,10 +51,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     proc = subprocess.Popen(
         command(killed, steps), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step=6.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
+    wait_for(killed / "checkpoints" / "step=6.ckpt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     last = killed / "checkpoints" / "last.ckpt"
@@ -113,10 +110,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step=3.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
+    wait_for(run / "checkpoints" / "step=3.ckpt", proc)
     time.sleep(0.5)  # a few more steps
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]

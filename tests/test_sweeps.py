@@ -203,6 +203,11 @@ def test_steps_sweep_two_runs_four_step_counts_one_judge_each_and_a_rerun_does_n
             assert new["reused"] and new["gen_ppl"] == old["gen_ppl"]
     more = sweep("steps_sweep.py", *[a if a != "8" else "16" for a in args])  # T=16 only is new
     assert more.returncode == 0 and "sampling at T = [16] (3 done before)" in more.stdout
+    stat = checkpoints["vae"].stat()  # a retrained checkpoint (same path): sampled again
+    os.utime(checkpoints["vae"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    retrained = sweep("steps_sweep.py", *args)
+    assert "VADD: sampling at T = [1, 2, 4, 8] (0 done before)" in retrained.stdout
+    assert "MDLM: all 4 step counts done before" in retrained.stdout
 
 
 def test_steps_sweep_records_a_failing_run_and_still_writes_its_files(tmp_path):

@@ -39,3 +39,20 @@ TINY = [
     "trainer.limit_val_batches=2",
     *QUIET,
 ]
+
+
+def wait_for(path, proc, hang_guard_s: float = 600.0) -> None:
+    """Block until `path` exists while `proc` runs; fail at once when proc exits first.
+
+    Not a speed claim: the guard only turns a hung child into a failure instead of a
+    hung suite, far beyond any run's time on a slow machine."""
+    import time
+
+    end = time.monotonic() + hang_guard_s
+    while not path.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            raise AssertionError(f"the process exited ({proc.returncode}) before {path}: {err}")
+        if time.monotonic() > end:
+            raise AssertionError(f"the process hung: no {path} after {hang_guard_s} s")
+        time.sleep(0.02)
