@@ -28,6 +28,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from checkpointing.architecture import explicit_keys
 
@@ -38,16 +39,36 @@ def main(cfg: DictConfig) -> None:
         if cfg.mode != "train" and ("://" in path or (path and os.path.exists(path))):
             # evaluation: the checkpoint's architecture first, so that the checks below see
             # the model the checkpoint holds (e.g. its length for image data)
-            from checkpointing.checkpoints import read_checkpoint
             from runner import adopt_architecture
 
-            ckpt = read_checkpoint(cfg.eval.checkpoint_path)
+            ckpt = _read_once(path)
             adopt_architecture(cfg, ckpt, explicit)
         validate_config(cfg)
         run(cfg, ckpt=ckpt)
     except VaddError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the next job runs; this one says why
+            out = HydraConfig.get().runtime.output_dir
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "error.txt").write_text(f"error: {err}\n")
+            return
         sys.exit(2)
+
+
+_LAST_READ: tuple = (None, None)  # (path and file state, checkpoint) of the last job
+
+
+def _read_once(path: str) -> dict:
+    """The evaluated checkpoint, read once for all the jobs of a multirun (`-m data=a,b`:
+    one process) while its file is unchanged; its tensors are only ever copied from."""
+    global _LAST_READ
+    from checkpointing.checkpoints import read_checkpoint
+
+    key = (path, os.stat(path).st_mtime_ns if os.path.isfile(path) else None)
+    if _LAST_READ[0] != key or key[1] is None:
+        _LAST_READ = (None, None)  # free the previous one before reading the next
+        _LAST_READ = (key, read_checkpoint(path))
+    return _LAST_READ[1]
 
 
 def run(cfg: DictConfig, explicit: dict[str, str] | None = None, ckpt: dict | None = None) -> None:

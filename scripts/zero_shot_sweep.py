@@ -1,9 +1,10 @@
 """Zero-shot perplexity of one checkpoint on many datasets, collected into one table.
 
-Runs `main.py mode=ppl_eval data=<dataset>` once per dataset, each in its own process with
-`hydra.run.dir=<out>/<name>`; everything after `--` is passed to every run. A dataset that
-fails (not downloadable offline, a bad path, out of memory) is recorded with the one-line
-error from its stderr and the sweep goes on.
+Runs `main.py -m mode=ppl_eval data=<a>,<b>,...` once for the named datasets (Hydra
+multirun in one process: start-up and the checkpoint read once; each writes
+<out>/<name>/), and a process of its own for an aliased dataset or one with a path;
+everything after `--` is passed to every run. A dataset that fails (not downloadable
+offline, a bad path) is recorded with its one-line error and the sweep goes on.
 
   python scripts/zero_shot_sweep.py --out outputs/zero_shot -- \\
       eval.checkpoint_path=/path/to/last.ckpt model=small model.length=1024 \\
@@ -201,30 +202,68 @@ def parse_dataset(spec: str) -> Dataset:
     return Dataset(name, overrides)
 
 
-def evaluate(dataset: Dataset, out: Path, common: list[str], force: bool = False) -> dict:
-    """One ppl_eval run -> its numbers, or its error; a result of the same command is
-    reused (no process started) unless `force`."""
+def prepare(dataset: Dataset, out: Path, common: list[str], force: bool) -> bool:
+    """Whether `dataset` needs evaluating: a result of the same command from the same
+    checkpoint file is reused (no process started) unless `force`."""
     run_dir = out / dataset.name
-    result_file = run_dir / "ppl_eval.json"
     overrides = ["mode=ppl_eval", *common, *dataset.overrides]
-    reuse_results(run_dir, overrides, [result_file], force, checkpoint_of(common))
-    record = {"data_overrides": dataset.overrides}
-    if result_file.exists():
+    reuse_results(run_dir, overrides, [run_dir / "ppl_eval.json", run_dir / "error.txt"],
+                  force, checkpoint_of(common))  # fmt: skip
+    if (run_dir / "ppl_eval.json").exists():
         print(f"[zero_shot] {dataset.name}: done before (--force to redo)", flush=True)
-        done, record["reused"] = Finished(0, 0.0, None), True
-    else:
-        print(f"[zero_shot] {dataset.name}: evaluating ...", flush=True)
-        done = run_main(overrides, run_dir, f"[zero_shot] {dataset.name}")
-    missing = None if result_file.exists() else f"main.py finished but wrote no {result_file}"
-    error = done.error or missing
-    record.update(returncode=done.returncode, wall_seconds=done.wall_seconds)
+        return False
+    return True
+
+
+def evaluate_together(datasets: list[Dataset], out: Path, common: list[str]) -> Finished:
+    """Hub / named datasets in one main.py process (Hydra multirun, `-m data=a,b,c`): the
+    interpreter starts and the checkpoint is read once; each job writes <out>/<name>/
+    (ppl_eval.json, or error.txt with its one-line error) and the next job runs."""
+    names = ",".join(d.name for d in datasets)
+    print(f"[zero_shot] evaluating {names} in one process ...", flush=True)
+    overrides = ["-m", "mode=ppl_eval", *common, f"data={names}",
+                 f"hydra.sweep.dir={hydra_value(str(out))}",
+                 "hydra.sweep.subdir=${hydra.runtime.choices.data}"]  # fmt: skip
+    return run_main(overrides, out / ".together", "[zero_shot]")
+
+
+def collect(dataset: Dataset, out: Path, done: Finished, reused: bool) -> dict:
+    """The numbers of one dataset's ppl_eval.json, or its error."""
+    run_dir, record = out / dataset.name, {"data_overrides": dataset.overrides}
+    result_file, error_file = run_dir / "ppl_eval.json", run_dir / "error.txt"
+    record.update(returncode=done.returncode, wall_seconds=done.wall_seconds, reused=reused)
+    error = None
+    if not result_file.exists():
+        own = error_file.read_text().strip() if error_file.exists() else None
+        error = own or done.error or f"main.py finished but wrote no {result_file}"
     if error is not None:
         print(f"[zero_shot] {dataset.name}: FAILED: {error}", flush=True)
         return {"status": "failed", "error": error, **record}
     saved = json.loads(result_file.read_text())
-    print(f"[zero_shot] {dataset.name}: ppl {saved['ppl']:.3f} ({done.wall_seconds} s)", flush=True)
+    print(f"[zero_shot] {dataset.name}: ppl {saved['ppl']:.3f}", flush=True)
     numbers = {key: saved[key] for key in FIELDS if key in saved}
     return {"status": "ok", **numbers, "result_file": str(result_file), **record}
+
+
+def evaluate_all(datasets: list[Dataset], out: Path, common: list[str], args) -> list[dict]:
+    """Every dataset's record, in order: the named ones together in one process, a
+    dataset with a path (NAME=local_text:PATH) or an alias in a process of its own."""
+    todo = [d for d in datasets if prepare(d, out, common, args.force)]
+    together = [d for d in todo if d.overrides == [f"data={d.name}"]]
+    alone = [d for d in todo if d not in together]
+    finished = {d.name: Finished(0, 0.0, None) for d in datasets}
+    if together:
+        done = evaluate_together(together, out, common)
+        finished.update({d.name: done for d in together})
+
+    def single(d: Dataset) -> Finished:
+        overrides = ["mode=ppl_eval", *common, *d.overrides]
+        return run_main(overrides, out / d.name, f"[zero_shot] {d.name}")
+
+    finished.update(
+        zip([d.name for d in alone], run_parallel(single, alone, args.jobs), strict=True)
+    )
+    return [collect(d, out, finished[d.name], d not in todo) for d in datasets]
 
 
 def checkpoint_of(overrides: list[str]) -> str | None:
@@ -310,7 +349,7 @@ def main() -> int:
             run_main(["mode=ppl_eval", *common, *d.overrides], out / d.name) for d in args.datasets
         ]
         return max(d.returncode for d in done)
-    records = run_parallel(lambda d: evaluate(d, out, common, args.force), args.datasets, args.jobs)
+    records = evaluate_all(args.datasets, out, common, args)
     summary = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "checkpoint": checkpoint_of(common),

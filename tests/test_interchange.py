@@ -378,8 +378,15 @@ with torch.no_grad():
     visible = x["xt"] != tok.mask_token_id
     enc = model.encode(x["x0"], visible=visible) if x.get("z") is not None else None
 ids = tok("In the beginning God created the heaven")["input_ids"]
+# push_to_hub = save_pretrained + upload: the saved folder (code files included) loads again
+model.save_pretrained("resaved")
+tok.save_pretrained("resaved")
+again = AutoModelForMaskedLM.from_pretrained("resaved", trust_remote_code=True).eval()
+with torch.no_grad():
+    resaved = again(x["xt"], z=x.get("z")).logits
 torch.save({"logp": logp, "enc": enc, "mask_id": tok.mask_token_id, "ids": ids,
-            "model_type": config.model_type, "vocab_size": config.vocab_size}, out)
+            "model_type": config.model_type, "vocab_size": config.vocab_size,
+            "resaved": resaved}, out)
 """
 
 
@@ -424,6 +431,7 @@ def test_an_export_loads_with_transformers_and_gives_our_log_probs(tmp_path, los
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = torch.load(tmp_path / "out.pt")
     assert hf["model_type"] == "vadd" and hf["mask_id"] == v and hf["vocab_size"] == v + 1
+    torch.testing.assert_close(hf["resaved"], hf["logp"], rtol=0, atol=0)
     assert hf["ids"] == tokenizer("In the beginning God created the heaven")["input_ids"]
     with torch.no_grad():
         extra = {} if z is None else {"z": z}

@@ -127,6 +127,35 @@ def test_zero_shot_sweep_collects_datasets_and_records_failures(checkpoints, tmp
     assert "| missing | failed |" in table and "does not exist" in table
 
 
+def test_zero_shot_sweep_evaluates_named_datasets_in_one_process(checkpoints, tmp_path):
+    """bible (embedded) and wikitext2 (not cached offline) through one multirun process:
+    one result, one recorded one-line error; a rerun reuses the result."""
+    out = tmp_path / "zs"
+    args = [
+        "--out",
+        str(out),
+        "--datasets",
+        "bible",
+        "wikitext2",
+        "--",
+        f"eval.checkpoint_path={checkpoints['mdlm']}",
+        "eval.limit_batches=2",
+        "loader.eval_batch_size=8",
+    ]  # fmt: skip  (no sizes: the checkpoint has them)
+    proc = sweep("zero_shot_sweep.py", *args)
+    assert proc.returncode == 1, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads((out / "zero_shot.json").read_text())
+    bible, wikitext = summary["datasets"]["bible"], summary["datasets"]["wikitext2"]
+    assert bible["status"] == "ok" and bible["ppl"] > 1 and "MDLM NELBO" in bible["bound"]
+    assert wikitext["status"] == "failed" and "'wikitext2' is not cached" in wikitext["error"]
+    assert "evaluating bible,wikitext2 in one process" in proc.stdout
+    assert (out / ".together" / "command.txt").exists()  # the one main.py process
+    assert not (out / "bible" / "command.txt").exists()
+    again = sweep("zero_shot_sweep.py", *args)
+    assert "bible: done before (--force to redo)" in again.stdout
+    assert json.loads((out / "zero_shot.json").read_text())["datasets"]["bible"]["reused"]
+
+
 def test_steps_sweep_three_runs_two_step_counts(checkpoints, tmp_path):
     out = tmp_path / "steps"
     vae, mdlm = str(checkpoints["vae"]), str(checkpoints["mdlm"])
