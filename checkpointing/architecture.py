@@ -42,15 +42,16 @@ def explicit_keys(overrides: list[str], config_dir: str) -> dict[str, str]:
         is_global = any("@package _global_" in ln for ln in head if ln.startswith("#"))
         node = OmegaConf.to_container(OmegaConf.load(path)) or {}
         node.pop("defaults", None)
-        keys.update({f"{'' if is_global else key + '.'}{leaf}": arg for leaf in _leaves(node)})
+        keys.update({f"{'' if is_global else key + '.'}{leaf}": arg for leaf in leaves(node)})
     return {**keys, **values}  # Hydra applies value overrides after the group files
 
 
-def _leaves(node: dict, prefix: str = "") -> dict:
+def leaves(node: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} of a nested dict's leaves."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(leaves(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -58,7 +59,7 @@ def _leaves(node: dict, prefix: str = "") -> dict:
 
 def architecture(saved: dict) -> dict:
     """key -> value of the architecture keys in a checkpoint's saved config."""
-    flat = _leaves(saved)
+    flat = leaves(saved)
     keys = [k for k in TOP_KEYS if k in flat]
     keys += [k for k in flat if k.split(".")[0] in GROUPS and k not in RUNTIME_KEYS]
     return {k: flat[k] for k in keys}

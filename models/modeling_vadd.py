@@ -71,6 +71,14 @@ class VaddForMaskedLM(PreTrainedModel):
     def _init_weights(self, module):
         """Every weight comes from model.safetensors; the networks initialise themselves."""
 
+    def _sigma(self, sigma: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        """The noise level fed to the networks: 0 unless trained with time_conditioning."""
+        if sigma is not None:
+            return sigma
+        if self.config.config.get("time_conditioning"):
+            raise ValueError("this model was trained with time_conditioning=True: pass sigma")
+        return torch.zeros(ids.shape[0], device=ids.device)
+
     def latent_shape(self, length: int) -> tuple[int, ...]:
         m = self.config.config["model"]
         return (m["latent_dim"],) if m["latent1d"] else (length, m["latent_dim"])
@@ -87,10 +95,7 @@ class VaddForMaskedLM(PreTrainedModel):
         latents); None draws it from the prior N(0, I), as the samplers do. sigma: (B,)
         the noise level, only for models trained with time_conditioning (else 0)."""
         n, length = input_ids.shape
-        if sigma is None and self.config.config.get("time_conditioning"):
-            raise ValueError("this model was trained with time_conditioning=True: pass sigma")
-        if sigma is None:
-            sigma = torch.zeros(n, device=input_ids.device)
+        sigma = self._sigma(sigma, input_ids)
         key_mask = None if attention_mask is None else attention_mask.bool()
         extra = {}
         if self.encoder is not None:
@@ -126,9 +131,6 @@ class VaddForMaskedLM(PreTrainedModel):
             raise ValueError("this export is an MDLM model: it has no encoder and no latent")
         if visible is None:
             visible = torch.ones_like(input_ids, dtype=torch.bool)
-        if sigma is None and self.config.config.get("time_conditioning"):
-            raise ValueError("this model was trained with time_conditioning=True: pass sigma")
-        if sigma is None:
-            sigma = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        sigma = self._sigma(sigma, input_ids)
         key_mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(input_ids, visible, sigma, key_mask)

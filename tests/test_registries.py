@@ -155,16 +155,6 @@ def test_every_data_group_says_its_kind_and_a_group_without_one_is_one_line(tmp_
         validate_config(cfg)
 
 
-def _leaves(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_a_recipe_sets_only_what_it_changes_and_recipe_paper_nothing():
     """config.yaml and its groups are the one home of the paper-scale values: a recipe
     that repeated one would be a second home, which drifts when the default changes."""
@@ -172,6 +162,8 @@ def test_a_recipe_sets_only_what_it_changes_and_recipe_paper_nothing():
 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
+    from checkpointing.architecture import leaves
 
     root = Path(__file__).resolve().parents[1] / "configs"
     assert not OmegaConf.load(root / "recipe" / "paper.yaml")  # comments only
@@ -183,9 +175,9 @@ def test_a_recipe_sets_only_what_it_changes_and_recipe_paper_nothing():
     for path in sorted(root.joinpath("recipe").glob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path)) or {}
         picks_cosine = "override /lr_scheduler: cosine_decay_warmup" in path.read_text()
-        for key, value in _leaves({k: v for k, v in node.items() if k != "defaults"}).items():
+        for key, value in leaves({k: v for k, v in node.items() if k != "defaults"}).items():
             group, _, leaf = key.partition(".")
-            default = _leaves(base).get(key)
+            default = leaves(base).get(key)
             if group == "lr_scheduler" and picks_cosine:
                 default = base_cosine.get(leaf)
             if value == default:
