@@ -328,3 +328,86 @@ def test_masked_token_logp_gradient_flows_only_to_real_logits():
     assert torch.equal(logits.grad[:, 5], torch.zeros(4))
     expected = F.one_hot(torch.tensor([0, 1, 2, 3]), 5) - torch.softmax(logits[:, :5], -1)
     torch.testing.assert_close(logits.grad[:, :5], expected.detach())
+
+
+def test_antithetic_t_follows_its_documented_formula():
+    """Sample i of the global batch gets eps + (1 - eps) ((u + i / N) mod 1) with one shared
+    u ~ U[0, 1) in float64 (u - i / N would give the same strata, another assignment)."""
+    t = losses.sample_t(4, eps=0.1, antithetic=True, generator=torch.Generator().manual_seed(3),
+                        offset=2, global_n=8)  # fmt: skip
+    u = torch.rand(1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = 0.1 + 0.9 * torch.remainder(u + torch.arange(2, 6, dtype=torch.float64) / 8, 1.0)
+    torch.testing.assert_close(t, expected.float(), rtol=0, atol=0)
+    iid = losses.sample_t(3, eps=0.0, antithetic=False, offset=1, global_n=5,
+                          generator=torch.Generator().manual_seed(4))  # fmt: skip
+    draws = torch.rand(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(iid, draws[1:4].float(), rtol=0, atol=0)  # this slice's draws
+
+
+def _alpha64(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The schedules' alpha_t written out again in float64 (noise_schedule.py's docstrings)."""
+    if name == "loglinear":
+        return 1 - (1 - 1e-3) * t
+    if name == "linear":
+        return torch.exp(-(1e-3 + t * (7.0 - 1e-3)))
+    if name == "cosine":
+        return 1e-3 + (1 - 1e-3) * torch.cos(math.pi * t / 2)
+    return torch.exp(-(1e-4 ** (1 - t)) * 20.0**t)  # geometric
+
+
+@pytest.mark.parametrize("name", ["loglinear", "linear", "cosine", "geometric"])
+@pytest.mark.parametrize("steps", [0, 1, 4])
+def test_loss_weights_of_every_schedule_against_an_independent_computation(name, steps):
+    """T = 0: w(t) = -alpha'(t) / (1 - alpha_t); T > 0 (kl_weighting=time or steps): the
+    T-step weight T (alpha_s - alpha_t) / (1 - alpha_t) with s = t - 1/T, and T at the last
+    step (s <= 0: alpha_0 counts as 1); the KL weight: w (time), T (steps), 1 (once)."""
+    from noise_schedule import SCHEDULES
+
+    noise = SCHEDULES[name]()
+    t = torch.tensor([0.05, 0.25, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
+    if steps == 0:
+        grad_t = t.clone().requires_grad_(True)
+        (dalpha,) = torch.autograd.grad(_alpha64(name, grad_t).sum(), grad_t)
+        expected = -dalpha / (1 - _alpha64(name, t))
+    else:
+        s = t - 1.0 / steps
+        a_t, a_s = _alpha64(name, t), _alpha64(name, s.clamp_min(0.0))
+        expected = torch.where(s <= 0, float(steps), steps * (a_s - a_t) / (1 - a_t))
+    for weighting, kl in (("time", expected), ("once", torch.ones_like(t))):
+        lam_rec, lam_kl = losses.loss_weights(t.float(), noise, weighting, steps)
+        torch.testing.assert_close(lam_rec.double(), expected, rtol=2e-4, atol=1e-5)
+        torch.testing.assert_close(lam_kl.double(), kl, rtol=2e-4, atol=1e-5)
+    if steps:
+        lam_rec, lam_kl = losses.loss_weights(t.float(), noise, "steps", steps)
+        torch.testing.assert_close(lam_rec.double(), expected, rtol=2e-4, atol=1e-5)
+        assert (lam_kl == steps).all()
+
+
+def test_kl_beta_holds_then_ramps():
+    """hold: beta = init for the first `hold` steps, then the schedule from its start."""
+    init, hold, interval = 0.2, 5, 10
+    for step in range(30):
+        ramp = max(0, step - hold)
+        expected = min(1.0, init + (1 - init) * ramp / interval)
+        got = losses.kl_beta(step, "klweight", init, interval, hold=hold)
+        assert got == pytest.approx(expected)
+    assert losses.kl_beta(3, "none", 0.0, 10, hold=5) == 1.0
+    # cyclical: the cycles start after the hold
+    cyc = [losses.kl_beta(s, "cyclical", 0.0, 10, cycles=2, ramp=0.5, hold=4) for s in range(30)]
+    assert cyc[:5] == [0.0] * 5 and cyc[9] == 1.0 and cyc[14] == 0.0 and cyc[24:] == [1.0] * 6
+
+
+def test_kl_beta_edges_and_defaults():
+    """interval 0: no annealing (beta = 1); interval 1: init at step 0, then 1; the cycle
+    ramp never shorter than one step; defaults (one cycle, ramp 1) anneal like klweight."""
+    assert losses.kl_beta(0, "klweight", 0.0, 0) == 1.0
+    assert [losses.kl_beta(s, "klweight", 0.0, 1) for s in (0, 1, 2)] == [0.0, 1.0, 1.0]
+    # interval 2, ramp 0.5: a 1-step ramp (max(1, 0.5 * 2)) -> beta 0 then 1 in each cycle
+    assert [losses.kl_beta(s, "cyclical", 0.0, 2, cycles=2, ramp=0.5) for s in range(5)] == [
+        0.0, 1.0, 0.0, 1.0, 1.0,
+    ]  # fmt: skip
+    # interval 4, ramp 0.1: max(1, 0.4) = a 1-step ramp, not 0.4 steps
+    assert losses.kl_beta(1, "cyclical", 0.0, 4, cycles=1, ramp=0.1) == 1.0
+    assert losses.kl_beta(1, "cyclical", 0.0, 3, cycles=1, ramp=0.5) == pytest.approx(1 / 1.5)
+    default = [losses.kl_beta(s, "cyclical", 0.2, 10) for s in range(12)]
+    assert default == [losses.kl_beta(s, "klweight", 0.2, 10) for s in range(12)]

@@ -183,19 +183,3 @@ def test_a_recipe_sets_only_what_it_changes_and_recipe_paper_nothing():
             if value == default:
                 repeats.append(f"{path.name}: {key}={value}")
     assert not repeats, repeats
-
-
-def test_kl_beta_holds_then_ramps():
-    """hold: beta = init for the first `hold` steps, then the schedule from its start."""
-    from algorithms import losses
-
-    init, hold, interval = 0.2, 5, 10
-    for step in range(30):
-        ramp = max(0, step - hold)
-        expected = min(1.0, init + (1 - init) * ramp / interval)
-        got = losses.kl_beta(step, "klweight", init, interval, hold=hold)
-        assert got == pytest.approx(expected)
-    assert losses.kl_beta(3, "none", 0.0, 10, hold=5) == 1.0
-    # cyclical: the cycles start after the hold
-    cyc = [losses.kl_beta(s, "cyclical", 0.0, 10, cycles=2, ramp=0.5, hold=4) for s in range(30)]
-    assert cyc[:5] == [0.0] * 5 and cyc[9] == 1.0 and cyc[14] == 0.0 and cyc[24:] == [1.0] * 6
