@@ -54,5 +54,5 @@ set -e
 .venv/bin/mutmut results > "$OUT/survivors.txt" 2>&1 || true
 .venv/bin/mutmut export-cicd-stats > /dev/null 2>&1 || true
 cp mutants/mutmut-cicd-stats.json "$OUT/stats.json" 2>/dev/null || true
-echo "[mutation] $MODULE: $(cat "$OUT/stats.json" 2>/dev/null || echo 'no stats')"
+echo "[mutation] $MODULE: $(tr -d ' \n' < "$OUT/stats.json" 2>/dev/null || echo 'no stats')"
 echo "[mutation] survivors in $OUT/survivors.txt$([ $status -eq 124 ] && echo ' (budget reached: call again to go on)')"
