@@ -61,8 +61,9 @@ def assert_same_training(a: dict, b: dict, **tolerance) -> None:
         torch.testing.assert_close(x, y, **tolerance)
     moments_a, moments_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert moments_a.keys() == moments_b.keys()
-    for key, state in moments_a.items():
-        torch.testing.assert_close(state["exp_avg_sq"], moments_b[key]["exp_avg_sq"], **tolerance)
+    for key, state in moments_a.items():  # both AdamW moments
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[moment], moments_b[key][moment], **tolerance)
     assert len(a["grad_norms"]) == len(b["grad_norms"]) == 3
     assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-4)
 
