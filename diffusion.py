@@ -139,9 +139,15 @@ class Diffusion(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         mask_u = torch.rand((rows, length), generator=gen, device=self.device)[first : first + n]
         z_eps = None
-        if self.algorithm.uses_latent and self.cfg.model.latent1d:  # per-position z: local
-            shape = (rows, self.cfg.training.num_particles, self.cfg.model.latent_dim)
-            z_eps = torch.randn(shape, generator=gen, device=self.device)[first : first + n]
+        if self.algorithm.uses_latent:
+            K, d = self.cfg.training.num_particles, self.cfg.model.latent_dim
+            if self.cfg.model.latent1d:
+                z_eps = torch.randn((rows, K, d), generator=gen, device=self.device)
+                z_eps = z_eps[first : first + n]
+            else:  # (rows, K, L, d) is too big to draw whole: one seed per global row instead
+                z_eps = torch.empty((n, K, length, d), device=self.device)
+                for i, row in enumerate(range(first, first + n)):  # rows, not tokens or steps
+                    z_eps[i].normal_(generator=gen.manual_seed(seed * 1_000_003 + 2 + row))
         return objectives.Draws(mask_u, z_eps)
 
     def compute_loss(

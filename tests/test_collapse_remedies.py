@@ -46,6 +46,65 @@ def test_remedy_leaves_the_reported_bound_unchanged(tmp_path, remedy):
         assert got[key] == want[key], key
 
 
+def beta_from_the_readme(step, strategy, init, interval, hold, cycles=1, ramp=1.0) -> float:
+    """beta at optimiser step `step`, written from the README's description (not kl_beta):
+    `hold` steps at init, then a linear rise to 1 over `interval` steps (cyclical: over
+    the first `ramp` of each of `cycles` cycles, 1 after the last)."""
+    s = step - hold
+    if s < 0:
+        return init
+    if strategy == "cyclical":
+        if s >= cycles * interval:
+            return 1.0
+        s, interval = s % interval, ramp * interval
+    return min(1.0, init + (1.0 - init) * s / interval)
+
+
+SCHEDULES = [  # (strategy, init, interval, hold, cycles, ramp) over 10 steps
+    ("klweight", 0.2, 4, 3, 1, 1.0),
+    ("cyclical", 0.0, 4, 1, 2, 0.5),
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=[s[0] for s in SCHEDULES])
+def test_the_training_loss_uses_beta_and_the_kl_hold_as_configured(tmp_path, schedule):
+    """At every training step, before / during / after the hold and the ramp, the loss the
+    optimiser gets is L(beta) = L(0) + beta (L(1) - L(0)) with the README's beta: beta
+    reaches the loss, and the hold, the ramp and the cycles count optimiser steps."""
+    strategy, init, interval, hold, cycles, ramp = schedule
+    cfg = make_cfg(
+        tmp_path,
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=1000",
+        "model.dropout=0",  # the three evaluations of a step see the same network
+        "decoder.mu_init_std=1",  # an informative encoder: L(1) - L(0) = the KL term > 0
+        f"training.loss_strategy={strategy}",
+        f"training.init_kl_weight={init}",
+        f"training.kl_weight_interval={interval}",
+        f"training.kl_hold_steps={hold}",
+        f"training.kl_cycles={cycles}",
+        f"training.kl_cycle_ramp={ramp}",
+    )
+    trainer, module, tokenizer = build(cfg)
+    train_dl, _ = dataloader.get_dataloaders(cfg, tokenizer)
+    seen, original = {}, module.compute_loss
+
+    def spy(batch, t, beta=1.0, num_particles=1, draws=None, train=False):
+        out = original(batch, t, beta, num_particles, draws, train)
+        with torch.no_grad():
+            at = [original(batch, t, b, num_particles, draws, train).loss for b in (0.0, 1.0)]
+        seen[module.global_step] = (out.loss.item(), at[0].item(), at[1].item())
+        return out
+
+    module.compute_loss = spy
+    trainer.fit(module, train_dl)
+    assert sorted(seen) == list(range(10))
+    for step, (loss, at0, at1) in seen.items():
+        beta = beta_from_the_readme(step, strategy, init, interval, hold, cycles, ramp)
+        assert at1 - at0 > 1e-3, "the KL term must be visible"
+        assert loss == pytest.approx(at0 + beta * (at1 - at0), rel=1e-5, abs=1e-6), (step, beta)
+
+
 def test_free_bits_changes_the_training_loss_only(tmp_path):
     cfg = make_cfg(
         tmp_path,

@@ -312,3 +312,88 @@ def test_sample_autoregressive_sees_the_growing_prefix():
     x = samplers.sample_autoregressive(logits_fn, 2, 5, bos_id=0, vocab_size=V)
     assert lengths == [1, 2, 3, 4]
     assert (x[:, 0] == 0).all() and ((x >= 0) & (x < V)).all()
+
+
+# ---------------------------------------------------------------- time conditioning
+def sigma_recorder(calls):
+    """A denoiser that records the sigma of each call and predicts token 0 everywhere."""
+
+    def denoise(xt, sigma, z, out_mask):
+        calls.append(sigma.clone())
+        logits = torch.full((int(out_mask.sum()), V + 1), -5.0)
+        logits[:, 0] = 5.0
+        return logits
+
+    return denoise
+
+
+def loglinear_sigma(t: float, eps: float = 1e-3) -> float:
+    """sigma(t) = -log alpha(t), alpha(t) = 1 - (1 - eps) t (the log-linear schedule)."""
+    return -math.log(1.0 - (1.0 - eps) * t)
+
+
+@pytest.mark.parametrize("time_conditioning", [True, False])
+def test_a_time_conditioned_model_gets_the_sigma_of_each_step(time_conditioning):
+    """Step i of the grid 1 -> eps feeds sigma(t_i) (t_i = 1 - i (1 - eps) / T), the final
+    noise removal sigma(eps); a model without time conditioning gets 0 throughout."""
+    calls, steps, eps = [], 4, 1e-5
+    run(sigma_recorder(calls), all_mask(3, 6), steps=steps, eps=eps, seed=2,
+        time_conditioning=time_conditioning)  # fmt: skip
+    grid = [1.0 - i * (1.0 - eps) / steps for i in range(steps + 1)]
+    assert len(calls) in (steps, steps + 1)  # + the noise removal if masks were left
+    for call, t in zip(calls, grid[:steps] + [grid[-1]], strict=False):
+        want = loglinear_sigma(t) if time_conditioning else 0.0
+        assert call.shape == (3,)
+        torch.testing.assert_close(call, torch.full((3,), want), rtol=1e-5, atol=1e-6)
+    if time_conditioning:
+        assert calls[0][0] > 6.0  # sigma(1) = log(1000): not a zero that happens to match
+
+
+def test_any_order_sigma_follows_the_visible_fraction_when_time_conditioned():
+    """One position per call: with k of L tokens visible sigma = -log(k / L), and an
+    all-[MASK] row gets sigma(1), the noisiest level seen in training."""
+    calls, length = [], 4
+    samplers.sample_any_order(
+        sigma_recorder(calls), all_mask(2, length), mask_id=MASK, vocab_size=V,
+        noise=LogLinear(), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    want = [loglinear_sigma(1.0)] + [-math.log(k / length) for k in range(1, length)]
+    assert len(calls) == length
+    for call, sigma in zip(calls, want, strict=True):
+        torch.testing.assert_close(call, torch.full((2,), sigma), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("predictor", ["vae", "any_order"])
+def test_sampling_a_time_conditioned_module_feeds_its_decoder_sigma(tmp_path, predictor):
+    """Through generate(): time_conditioning=True reaches the sampler (sigma > 0 while
+    masks remain), and the samples differ from the same weights fed sigma = 0."""
+    from test_end_to_end import build, make_cfg
+
+    from sampling.generation import generate
+
+    cfg = make_cfg(tmp_path, "time_conditioning=True", "model.length=16", "eval.disable_ema=True")
+    module = build(cfg)[1]
+    with torch.no_grad():  # a network whose output depends on sigma (AdaLN is zero-init)
+        for p in module.backbone.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seen, forward = [], module.backbone.forward
+
+    def spy(xt, sigma, *args, **kwargs):
+        seen.append(sigma.clone())
+        return forward(xt, sigma, *args, **kwargs)
+
+    module.backbone.forward = spy
+    samples = {}
+    for conditioned in (True, False):
+        module.cfg.time_conditioning = conditioned
+        seen.clear()
+        g = torch.Generator().manual_seed(5)
+        samples[conditioned] = generate(
+            module, num_samples=4, predictor=predictor, steps=8, generator=g
+        )[0]
+        if conditioned:
+            assert len(seen) >= 8 and all((s > 0).all() for s in seen[:8])
+            assert seen[0].max() == pytest.approx(loglinear_sigma(1.0), rel=1e-4)
+        else:
+            assert all((s == 0).all() for s in seen)
+    assert not torch.equal(samples[True], samples[False])
