@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
 import sharding
@@ -57,7 +58,7 @@ class Diffusion(L.LightningModule):
         self._micro = 0  # micro-batch index inside the current accumulation window
         self._rows_seen = 0  # rows of this rank's shard consumed in the current epoch
         self.train_sampler = None  # data_order.ResumableSampler of the training loader
-        self._resumed_mid_epoch = False
+        self._resumed_epoch: int | None = None  # the epoch a resume continues
         self._resume_rng: list | None = None
 
     @classmethod
@@ -347,8 +348,8 @@ class Diffusion(L.LightningModule):
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
-        if self._trainer is not None and self.trainer.training:
-            checkpoint["resume"] = self._resume_checkpoint_state()
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint["resume"] = self._resume_checkpoint_state()  # best.ckpt's too
 
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
@@ -361,7 +362,7 @@ class Diffusion(L.LightningModule):
         if self.train_sampler is not None and "data" in state:
             self.train_sampler.load_state_dict(state["data"])
             self._rows_seen = int(state["data"]["start"])
-            self._resumed_mid_epoch = True
+            self._resumed_epoch = int(state["data"]["epoch"])
         self._resume_rng = state["rng"]
 
     # ---------------------------------------------------------------- exact resume
@@ -369,9 +370,11 @@ class Diffusion(L.LightningModule):
     # draws the same rows, masks, t and z as the uninterrupted one would have.
     # `train_sampler` (data_order.ResumableSampler) is attached by runner.train.
     def on_train_epoch_start(self):
-        if not self._resumed_mid_epoch:
+        # A resume continues the checkpoint's epoch, for which Lightning (2.6) does not
+        # call this hook, or may: keep the restored row count for that epoch only.
+        if self.current_epoch != self._resumed_epoch:
             self._rows_seen = 0
-        self._resumed_mid_epoch = False
+        self._resumed_epoch = None
 
     def on_train_start(self):
         self.first_step = self.global_step  # after a resume: the restored step

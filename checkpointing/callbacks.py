@@ -42,6 +42,7 @@ class SafetyCheckpoint(Callback):
         self.path = os.path.join(dirpath, f"{filename}.ckpt")
         self.started = False
         self.interrupted_by: int | None = None
+        self._deferred = False  # a stop signal waits for the end of an accumulation window
         self._handlers: dict[int, object] = {}  # the signal handlers before training
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -82,6 +83,20 @@ class SafetyCheckpoint(Callback):
             self._handlers[signum] = current
             signal.signal(signum, self._to_sigterm)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """A stop signal takes effect at the end of an optimiser step. Inside an accumulation
+        window Lightning's stop flag is hidden until the window's last micro-batch (a partial
+        window is in no checkpoint); then last.ckpt is written here, where the periodic saves
+        are, so a resume continues Lightning's loop counters exactly (a save from
+        on_exception would come after Lightning has counted the step once more)."""
+        connector = trainer._signal_connector
+        if not (connector.received_sigterm or self._deferred):
+            return
+        mid_window = getattr(pl_module, "_micro", 0) != 0
+        connector.received_sigterm, self._deferred = not mid_window, mid_window
+        if not mid_window and saved_step(self.path) != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+
     def _to_sigterm(self, signum, frame) -> None:
         self.interrupted_by = self.interrupted_by or signum
         os.kill(os.getpid(), signal.SIGTERM)
@@ -105,6 +120,15 @@ class SafetyCheckpoint(Callback):
             utils.print0(f"[vadd] the last finite state is in {path}; {self.path} is kept")
             return
         held = saved_step(self.path)
+        if held == step and isinstance(exception, SystemExit | KeyboardInterrupt):
+            return  # a stop signal: on_train_batch_end wrote this step
+        micro = getattr(pl_module, "_micro", 0)
+        if micro:  # Lightning's loops and the data are inside a window: no exact resume
+            utils.print0(
+                f"[vadd] the exception came at micro-batch {micro} of an accumulation window: "
+                f"{self.path} is kept (step {held}), a partial window cannot be resumed exactly"
+            )
+            return
         if held is not None and held >= step:
             utils.print0(f"[vadd] kept {self.path} (step {held}): this run is at step {step}")
             return
