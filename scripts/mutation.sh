@@ -18,7 +18,7 @@ MODULE=${2:?usage: mutation.sh OUT MODULE [TEST ...]}
 shift 2
 declare -A TESTS=(
   [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py"
-  [algorithms/objectives.py]="tests/test_losses.py tests/test_collapse_remedies.py"
+  [algorithms/objectives.py]="tests/test_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
   [sampling/samplers.py]="tests/test_samplers.py tests/test_conditional.py"
   [data/order.py]="tests/test_resume.py tests/test_distributed.py"
@@ -42,6 +42,7 @@ source_paths = ["."]
 only_mutate = ["$MODULE"]
 pytest_add_cli_args_test_selection = [$(list "${SELECTED[@]}")]
 pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-x"]
+process_isolation = "forkserver"  # torch's thread pools do not survive a plain fork
 EOF
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export VADD_CACHE_DIR=${VADD_CACHE_DIR:-$ROOT/.cache/vadd}

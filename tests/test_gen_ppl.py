@@ -143,7 +143,18 @@ def test_every_sample_and_token_counted(judge):
     expected = [math.exp(n / t) for n, t in zip(nll, tokens, strict=True)]
     assert result["per_sample_ppl"] == pytest.approx(expected, rel=1e-9)
     assert result["mean_per_sample_ppl"] == pytest.approx(sum(expected) / 5, rel=1e-9)
-    assert all(1 < ppl < 1000 for ppl in expected)
+    # The two longest samples' NLLs recomputed one at a time, without batch or padding (in
+    # one batch the shorter is padded): -sum log p(token j | the document separator, tokens
+    # < j) under the judge. Two only: a CPU forward of the judge is the cost here.
+    start = judge.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert lengths[1] > lengths[4] > max(lengths[0], lengths[2], lengths[3])
+    for i in (1, 4):
+        text, got = VERSES[i], nll[i]
+        x = torch.tensor([[start, *judge_tokens(judge, text)]])
+        with torch.inference_mode():
+            logits = judge.model(input_ids=x).logits[0, :-1].float()
+        want = float((logits.logsumexp(-1) - logits.gather(1, x[0, 1:, None])[:, 0]).sum())
+        assert got == pytest.approx(want, rel=1e-4)
 
 
 def test_batch_size_does_not_change_result(judge):

@@ -366,27 +366,58 @@ def test_vae_loss_untrained_decoder_costs_log_v_per_masked_token(
     randomize(enc)
     spec = objectives.DiffusionSpec(noise=LogLinear(eps=0.0), mask_id=vocab, vocab_size=vocab)
     x0 = torch.randint(0, vocab, (2, L))
-    out = objectives.vae_loss(dec, enc, x0, None, torch.ones(2), spec)
+    draws = objectives.Draws(mask_u=torch.rand(2, L), z_eps=torch.randn(2, 1, 4))
+    out = objectives.vae_loss(dec, enc, x0, None, torch.ones(2), spec, draws=draws)
     assert set(out.stats) >= {"recon", "kl", "kl_closed", "mu_std"}
     log_v = torch.log(torch.tensor(float(vocab)))
     torch.testing.assert_close(out.stats["recon"], torch.full((2,), L * log_v.item()))
-    torch.testing.assert_close(out.per_seq.detach(), out.stats["recon"] + out.stats["kl"])
+    with torch.no_grad():  # every position is masked at t = 1: the encoder sees none
+        mu, log_sigma = enc(x0, torch.zeros_like(x0, dtype=torch.bool), torch.zeros(2))
+    kl = one_sample_kl64(mu, log_sigma, draws.z_eps[:, 0])
+    expected = L * log_v.double() + kl  # w(1) = 1
+    torch.testing.assert_close(out.per_seq.detach().double(), expected, rtol=1e-5, atol=1e-5)
+    assert (kl.abs() > 1e-2).all()  # randomised encoder: the KL term is not a zero
     assert (out.stats["kl_closed"] > 0).all()  # randomised encoder: r differs from the prior
     assert out.num_tokens.item() == x0.numel()
 
 
+def one_sample_kl64(mu, log_sigma, eps):
+    """log N(z; mu, sigma^2) - log N(z; 0, I) at z = mu + sigma eps, summed over d (float64)."""
+    mu, sigma, eps = mu.double(), log_sigma.double().exp(), eps.double()
+    z = mu + sigma * eps
+    r = torch.distributions.Normal(mu, sigma)
+    prior = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
+    return (r.log_prob(z) - prior.log_prob(z)).sum(-1)
+
+
 def test_vae_loss_k1_wiring_is_the_delbo(model_cfg, encoder_cfg, randomize, vocab):
-    """K = 1, kl_weighting=time, loglinear at t = 0.5: per_seq = w (-recon + kl), w = 1/t = 2."""
+    """K = 1, kl_weighting=time, loglinear at t = 0.5: per_seq = w (-recon + kl), w = 1/t = 2,
+    with recon and kl recomputed here from the networks (the encoder sees the visible
+    positions, the decoder xt and z) instead of read off the loss's own stats."""
     torch.manual_seed(13)
-    dec = GenDIT(model_cfg(), vocab + 1)
-    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto")
+    dec = GenDIT(model_cfg(), vocab + 1).eval()
+    enc = InferDIT(encoder_cfg(), 4, True, vocab + 1, "auto").eval()
     randomize(dec)
     randomize(enc)
     spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=vocab, vocab_size=vocab)
     x0 = torch.randint(0, vocab, (3, L))
-    out = objectives.vae_loss(dec, enc, x0, None, torch.full((3,), 0.5), spec, beta=1.0)
-    expected = 2.0 * (out.stats["recon"] + out.stats["kl"])
-    torch.testing.assert_close(out.per_seq.detach(), expected, rtol=1e-5, atol=1e-5)
+    draws = objectives.Draws(mask_u=torch.rand(3, L), z_eps=torch.randn(3, 1, 4))
+    t = torch.full((3,), 0.5)
+    out = objectives.vae_loss(dec, enc, x0, None, t, spec, beta=1.0, draws=draws)
+    masked = draws.mask_u < (1 - 1e-3) * 0.5  # 1 - alpha_t of loglinear (eps = 1e-3)
+    assert masked.any(1).all() and (~masked).any(1).all()
+    xt = torch.where(masked, vocab, x0)
+    with torch.no_grad():
+        mu, log_sigma = enc(x0, ~masked, torch.zeros(3))
+        z = mu + log_sigma.exp() * draws.z_eps[:, 0]
+        logp = torch.log_softmax(dec(xt, torch.zeros(3), z=z)[..., :vocab].double(), -1)
+    nll = -(logp.gather(-1, x0[..., None])[..., 0] * masked).sum(-1)
+    kl = one_sample_kl64(mu, log_sigma, draws.z_eps[:, 0])
+    assert (kl.abs() > 1e-2).all()
+    expected = 2.0 * (nll + kl)
+    torch.testing.assert_close(out.per_seq.detach().double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.stats["recon"].double(), nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.stats["kl"].double(), kl, rtol=1e-5, atol=1e-5)
     assert (out.stats["mu_std"] > 0).all()  # a randomised encoder spreads mu over the batch
 
 

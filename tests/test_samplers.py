@@ -85,15 +85,22 @@ def test_reveal_fraction_follows_the_reverse_process():
 
     steps, eps = 4, 1e-5
     run(denoise, all_mask(100, 40), steps=steps, eps=eps)
-    grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
-    expected = LogLinear().unmask_prob(grid[0], grid[1]).item()
+    grid = [1.0 - i * (1.0 - eps) / steps for i in range(steps + 1)]  # t_i from 1 to eps
+
+    def alpha(t):  # the log-linear schedule written out: 1 - (1 - 1e-3) t
+        return 1.0 - (1.0 - 1e-3) * t
+
+    def reveal(t, s):  # P(masked at t, visible at s) / P(masked at t)
+        return (alpha(s) - alpha(t)) / (1.0 - alpha(t))
+
+    expected = reveal(grid[0], grid[1])  # ~0.249
     frac = calls[0].double().mean().item()
     se = math.sqrt(expected * (1 - expected) / 4000)
     assert abs(frac - expected) < 5 * se, (frac, expected)
     # Second step: among the still-masked positions.
     still = ~calls[0]
     frac2 = calls[1][still].double().mean().item()
-    expected2 = LogLinear().unmask_prob(grid[1], grid[2]).item()
+    expected2 = reveal(grid[1], grid[2])  # ~0.333
     se2 = math.sqrt(expected2 * (1 - expected2) / int(still.sum()))
     assert abs(frac2 - expected2) < 5 * se2, (frac2, expected2)
 
