@@ -421,3 +421,130 @@ def test_kl_beta_edges_and_defaults():
     assert losses.kl_beta(1, "cyclical", 0.0, 3, cycles=1, ramp=0.5) == pytest.approx(1 / 1.5)
     default = [losses.kl_beta(s, "cyclical", 0.2, 10) for s in range(12)]
     assert default == [losses.kl_beta(s, "klweight", 0.2, 10) for s in range(12)]
+
+
+def test_ar_loss_is_the_next_token_nll_of_real_tokens_against_a_float64_reference():
+    """objectives.ar_loss on a padded batch: -sum_i log p(x_i | x_<i) over the real targets
+    i >= 1 (the first token is given), with only the first V logits in the softmax, and
+    the count of those targets; here against a float64 loop over rows and positions."""
+    from algorithms import objectives
+
+    V, V_out, B, L = 5, 8, 3, 6  # V_out > V: the [MASK] and padding ids never compete
+    torch.manual_seed(0)
+    table = torch.randn(V_out, V_out, dtype=torch.float64)  # logits of the next token
+
+    def net(inputs, out_mask):  # a bigram model: logits depend on the previous token
+        return table[inputs][out_mask].float()
+
+    x0 = torch.randint(0, V, (B, L))
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, 4:] = False  # row 1 ends with two padding positions
+    key_mask[2, 2:] = False
+    x0[~key_mask] = V + 1  # a padding id
+    spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=V, vocab_size=V)
+    out = objectives.ar_loss(net, x0, key_mask, spec)
+    want, count = torch.zeros(B, dtype=torch.float64), 0
+    for b in range(B):
+        for i in range(1, L):
+            if key_mask[b, i]:
+                logp = table[x0[b, i - 1], :V].log_softmax(-1)[x0[b, i]]
+                want[b] -= logp
+                count += 1
+    torch.testing.assert_close(out.per_seq.double(), want, rtol=1e-5, atol=1e-5)
+    assert int(out.num_tokens) == count == 5 + 3 + 1
+    no_padding = objectives.ar_loss(net, x0[:1], None, spec)
+    torch.testing.assert_close(no_padding.per_seq.double(), want[:1], rtol=1e-5, atol=1e-5)
+    assert int(no_padding.num_tokens) == L - 1
+
+
+class BigramNet:
+    """A test backbone: the logits of a position are table[token there] + shift(z), and
+    every call is recorded (what it was given is what the objective passed)."""
+
+    def __init__(self, v_out: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(v_out, v_out, generator=g, dtype=torch.float64)
+        self.w = torch.randn(v_out, generator=g, dtype=torch.float64)
+        self.calls = []
+
+    def logits(self, xt, z=None):  # (B, L, V_out) float64
+        out = self.table[xt]
+        if z is not None:
+            out = out + z.double().flatten(1).sum(-1)[:, None, None] * self.w
+        return out
+
+    def __call__(self, xt, sigma, key_mask=None, out_mask=None, z=None):
+        self.calls.append({"xt": xt.clone(), "key_mask": key_mask, "z": z, "out_mask": out_mask})
+        return self.logits(xt, z)[out_mask].float()
+
+
+def padded_batch(V: int, B: int = 4, L: int = 6):
+    torch.manual_seed(3)
+    x0 = torch.randint(0, V, (B, L))
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, 3:] = key_mask[3, 5:] = False
+    x0[~key_mask] = V + 1  # the padding id
+    return x0, key_mask, torch.tensor([0.9, 0.6, 0.95, 0.8])
+
+
+def reference_nll(net, x0, xt, mask_id, V, z=None) -> torch.Tensor:
+    """sum over masked positions of -log p(x0 | xt, z), the softmax over the V real ids: (B,)."""
+    logp = net.logits(xt, z)[..., :V].log_softmax(-1)
+    picked = logp.gather(-1, x0.clamp_max(V - 1)[..., None])[..., 0]
+    return -(picked * (xt == mask_id)).sum(-1)
+
+
+def test_mdlm_loss_and_the_prior_nelbo_against_a_float64_reference():
+    """mdlm_loss and vae_prior_nelbo (the decoder's NELBO with z ~ N(0, I)) on a padded
+    batch: padding is never masked and reaches the network as key_mask, z has the latent's
+    shape, per_seq = (1/t) * NLL of the masked tokens (log-linear, T = 0), the token count
+    is the real tokens', and MDLM's logged `recon` is that NLL (a positive number)."""
+    from algorithms import objectives
+
+    V = 5
+    x0, key_mask, t = padded_batch(V)
+    spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=V, vocab_size=V)
+    for name in ("mdlm", "prior"):
+        net = BigramNet(V + 2)
+        if name == "mdlm":
+            out = objectives.mdlm_loss(net, x0, key_mask, t, spec)
+        else:
+            out = objectives.vae_prior_nelbo(net, x0, key_mask, t, spec, (3,))
+        (call,) = net.calls
+        xt, z = call["xt"], call["z"]
+        assert call["key_mask"] is key_mask
+        assert torch.equal(xt[~key_mask], x0[~key_mask]), "padding is never masked"
+        assert (xt == V).any() and torch.equal(call["out_mask"], xt == V)
+        if name == "prior":
+            assert z.shape == (4, 3) and z.std() > 0.3  # a draw from N(0, I), not zeros
+        nll = reference_nll(net, x0, xt, V, V, z)
+        torch.testing.assert_close(out.per_seq.double(), nll / t.double(), rtol=1e-5, atol=1e-6)
+        assert int(out.num_tokens) == int(key_mask.sum()) == 4 * 6 - 3 - 1
+        if name == "mdlm":
+            torch.testing.assert_close(out.stats["recon"].double(), nll, rtol=1e-5, atol=1e-6)
+
+
+def test_vae_loss_defaults_to_the_bound_and_logs_the_positive_reconstruction_nll():
+    """vae_loss without beta is the DELBO (beta = 1): per_seq = w(t) (NLL + KL), with the
+    KL of the given z noise recomputed here; the logged recon is the NLL (> 0)."""
+    from algorithms import objectives
+
+    V, d = 5, 3
+    x0, key_mask, t = padded_batch(V)
+    spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=V, vocab_size=V)
+    mu, log_sigma = torch.randn(4, d) * 0.5, torch.randn(4, d) * 0.2
+    encoder = lambda x0, visible, sigma, key_mask: (mu, log_sigma)  # noqa: E731
+    eps = torch.randn(4, 1, d)
+    net = BigramNet(V + 2)
+    draws = objectives.Draws(mask_u=torch.rand(x0.shape), z_eps=eps)
+    out = objectives.vae_loss(net, encoder, x0, key_mask, t, spec, draws=draws)
+    (call,) = net.calls
+    z = mu.double() + log_sigma.double().exp() * eps[:, 0].double()
+    torch.testing.assert_close(call["z"].double(), z, rtol=1e-6, atol=1e-6)
+    nll = reference_nll(net, x0, call["xt"], V, V, z)
+    # log N(z; mu, sigma) - log N(z; 0, I), summed over the d dimensions
+    kl = (-log_sigma.double() - 0.5 * eps[:, 0].double() ** 2 + 0.5 * z**2).sum(-1)
+    w = 1 / t.double()
+    torch.testing.assert_close(out.per_seq.double(), w * (nll + kl), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.stats["recon"].double(), nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.stats["kl"].double(), kl, rtol=1e-5, atol=1e-6)
