@@ -404,3 +404,50 @@ def test_sampling_a_time_conditioned_module_feeds_its_decoder_sigma(tmp_path, pr
         else:
             assert all((s == 0).all() for s in seen)
     assert not torch.equal(samples[True], samples[False])
+
+
+def test_a_random_order_comes_from_the_generator_alone():
+    """sample_any_order(order="random"): the same generator seed gives the same order and
+    samples whatever the global RNG did in between; another seed another order."""
+
+    def order_of(seed: int, global_seed: int):
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        revealed = []
+
+        def denoise(xt, sigma, z, out_mask):
+            revealed.append(out_mask.nonzero()[:, 1].tolist())
+            return torch.zeros(int(out_mask.sum()), V + 1)
+
+        x, _ = samplers.sample_any_order(
+            denoise, all_mask(2, 8), mask_id=MASK, vocab_size=V, order="random",
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        return revealed, x
+
+    a, xa = order_of(1, global_seed=0)
+    b, xb = order_of(1, global_seed=99)
+    c, _ = order_of(2, global_seed=0)
+    assert a == b and torch.equal(xa, xb)
+    assert a != c
+    assert sorted(p for step in a for p in step[:1]) == list(range(8))  # a permutation
+
+
+@pytest.mark.parametrize("batch", [1, 7])  # 7 > L: a (L,) sigma would not index
+def test_sample_stats_report_network_calls_and_row_evaluations_per_sequence(batch):
+    """as_dict: network_calls (batched decoder calls) and nfe_per_sequence = row
+    evaluations / batch, also for one sequence; sigma has one entry per row (B != L)."""
+    sigmas = []
+
+    def denoise(xt, sigma, z, out_mask):
+        sigmas.append(sigma.shape)
+        return torch.zeros(int(out_mask.sum()), V + 1)
+
+    _, stats = samplers.sample_any_order(
+        denoise, all_mask(batch, 5), mask_id=MASK, vocab_size=V, noise=None
+    )
+    assert stats.as_dict(batch) == {
+        "steps": 5,
+        "network_calls": 5,
+        "nfe_per_sequence": 5.0,  # every row is evaluated at each of the 5 calls
+    }
+    assert sigmas == [torch.Size([batch])] * 5
