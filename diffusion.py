@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import sharding
 import utils
 from algorithms import get_algorithm, losses, objectives
-from checkpointing import interchange
+from checkpointing import interchange, resume_state
 from checkpointing.checkpoints import load_for_eval, read_checkpoint
 from data.tokenization import Vocab, tokenizer_from_state
 from errors import CheckpointError, NonFiniteLossError, VaddError  # noqa: F401  (re-exported)
@@ -148,7 +148,7 @@ class Diffusion(L.LightningModule):
             else:  # (rows, K, L, d) is too big to draw whole: one seed per global row instead
                 z_eps = torch.empty((n, K, length, d), device=self.device)
                 for i, row in enumerate(range(first, first + n)):  # rows, not tokens or steps
-                    z_eps[i].normal_(generator=gen.manual_seed(seed * 1_000_003 + 2 + row))
+                    z_eps[i].normal_(generator=gen.manual_seed(utils.stream_seed(seed, "z", row)))
         return objectives.Draws(mask_u, z_eps)
 
     def compute_loss(
@@ -162,7 +162,6 @@ class Diffusion(L.LightningModule):
     def training_step(self, batch, batch_idx):
         opt, sched = self.optimizers(), self.lr_schedulers()
         micro = self._micro  # position inside the accumulation window (0 after a resume)
-        self._rows_seen += len(batch["input_ids"])
         seed = self.cfg.seed * 1_000_003 + self.global_step
         beta = self.beta()
         n, length = batch["input_ids"].shape
@@ -176,6 +175,7 @@ class Diffusion(L.LightningModule):
         with self._grad_sync(last=micro + 1 == self.accumulate):
             self.manual_backward(out.loss / self.accumulate)
         self._micro = (micro + 1) % self.accumulate
+        self._rows_seen += n  # after the backward: a crash above has not read this batch
         if self._micro == 0:
             self._freeze_decoder_trunk()
             norm = self._clip()
@@ -349,7 +349,10 @@ class Diffusion(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            checkpoint["resume"] = self._resume_checkpoint_state()  # best.ckpt's too
+            checkpoint["resume"] = resume_state.capture(  # best.ckpt's too
+                resume_state.gather_rng(), self.train_sampler, self._rows_seen, self._micro,
+                self.accumulate,
+            )  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
@@ -357,6 +360,8 @@ class Diffusion(L.LightningModule):
         state = checkpoint.get("resume")
         if state is None:
             return
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            resume_state.check_resumable(state)  # (evaluation may read any checkpoint)
         # The data position is applied here, before Lightning builds the data iterator
         # (worker processes start reading the sampler as soon as it exists).
         if self.train_sampler is not None and "data" in state:
@@ -386,15 +391,3 @@ class Diffusion(L.LightningModule):
             lrs = [o.lr, o.lr * o.encoder_lr_scale][: len(opt.param_groups)]
             for line in utils.apply_optim_config(opt, self.lr_schedulers(), lrs, o):
                 utils.print0(f"[vadd] resume applies {line}")
-
-    def _resume_checkpoint_state(self) -> dict:
-        rng = [utils.get_rng_state()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rng = [None] * torch.distributed.get_world_size()  # every rank has its own streams
-            torch.distributed.all_gather_object(rng, utils.get_rng_state())
-        state = {"rng": rng}
-        if self.train_sampler is not None:
-            # A save inside an accumulation window (pre-emption) redoes the partial window.
-            consumed = self._rows_seen - self._micro * self.train_sampler.batch_size
-            state["data"] = self.train_sampler.state_dict(consumed=consumed)
-        return state

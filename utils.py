@@ -2,6 +2,7 @@
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -126,6 +127,14 @@ def summarise_eval(sums: dict[str, torch.Tensor], draws: int) -> dict:
     if "prior_nelbo" in out:
         out["prior_ppl"] = math.exp(min(out["prior_nelbo"], 700.0))
     return out
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed for the random stream named by `parts` (e.g. step seed, "z", row):
+    a hash, so streams of different names, steps or rows never share a seed, and no
+    config seed overflows torch's 64-bit generator seed."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 # ---------------------------------------------------------------- processes, I/O

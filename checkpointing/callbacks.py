@@ -43,6 +43,7 @@ class SafetyCheckpoint(Callback):
         self.started = False
         self.interrupted_by: int | None = None
         self._deferred = False  # a stop signal waits for the end of an accumulation window
+        self._signal_saved: int | None = None  # the step a stop signal's save holds
         self._handlers: dict[int, object] = {}  # the signal handlers before training
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -70,7 +71,13 @@ class SafetyCheckpoint(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.started = True
+        self.started, self._deferred = True, False
+        # Lightning does not restore when a ModelCheckpoint last saved: after a resume at
+        # step S it would save step S again at the first micro-batch of the next window,
+        # over the file resumed from, with its loop counters one micro-batch ahead.
+        for cb in trainer.checkpoint_callbacks:
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = max(cb._last_global_step_saved, trainer.global_step)
         if trainer.is_global_zero:
             for path in utils.remove_stale_temp_files(self.dirpath):
                 utils.print0(f"[vadd] removed {path}: a save interrupted by a killed run")
@@ -94,8 +101,17 @@ class SafetyCheckpoint(Callback):
             return
         mid_window = getattr(pl_module, "_micro", 0) != 0
         connector.received_sigterm, self._deferred = not mid_window, mid_window
-        if not mid_window and saved_step(self.path) != trainer.global_step:
+        if not mid_window and self._signal_saved != trainer.global_step:
             trainer.save_checkpoint(self.path)
+            self._signal_saved = trainer.global_step
+
+    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
+        """A stop signal during a validation inside training waits too: the EMA weights
+        and the validation's RNG are swapped in until the validation ends."""
+        connector = trainer._signal_connector
+        if trainer.state.fn == "fit" and connector.received_sigterm:
+            if self._signal_saved != trainer.global_step:  # else: saved, stop right here
+                connector.received_sigterm, self._deferred = False, True
 
     def _to_sigterm(self, signum, frame) -> None:
         self.interrupted_by = self.interrupted_by or signum
@@ -123,11 +139,11 @@ class SafetyCheckpoint(Callback):
         if held == step and isinstance(exception, SystemExit | KeyboardInterrupt):
             return  # a stop signal: on_train_batch_end wrote this step
         micro = getattr(pl_module, "_micro", 0)
-        if micro:  # Lightning's loops and the data are inside a window: no exact resume
-            utils.print0(
-                f"[vadd] the exception came at micro-batch {micro} of an accumulation window: "
-                f"{self.path} is kept (step {held}), a partial window cannot be resumed exactly"
+        if micro or getattr(trainer, "validating", False):  # mid-window, or the EMA swapped in
+            where = (
+                f"at micro-batch {micro} of an accumulation window" if micro else "in a validation"
             )
+            utils.print0(f"[vadd] the run stopped {where}: {self.path} is kept (step {held})")
             return
         if held is not None and held >= step:
             utils.print0(f"[vadd] kept {self.path} (step {held}): this run is at step {step}")

@@ -19,10 +19,15 @@ sys.path.insert(0, str(ROOT))
 
 
 class SignalAtBatch(Callback):
-    def __init__(self, signum: int, index: int):
-        self.signum, self.index, self.seen = signum, index, 0
+    """Send `signum` as training micro-batch `index` starts (phase="train"), or as the
+    `index`-th validation batch inside training starts (phase="val")."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def __init__(self, signum: int, index: int, phase: str = "train"):
+        self.signum, self.index, self.phase, self.seen = signum, index, phase, 0
+
+    def _tick(self, phase: str) -> None:
+        if phase != self.phase:
+            return
         if self.seen == self.index:
             # the run's own handler, never the default action: that would kill the process
             # (pytest's own when the run is in-process) instead of testing the run
@@ -31,13 +36,20 @@ class SignalAtBatch(Callback):
             os.kill(os.getpid(), self.signum)  # Python runs the handler before the step
         self.seen += 1
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._tick("train")
 
-def with_signal(build_trainer, signum: int, index: int):
-    """runner.build_trainer, with a SignalAtBatch(signum, index) in every trainer it builds."""
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
+        if not trainer.sanity_checking:
+            self._tick("val")
+
+
+def with_signal(build_trainer, signum: int, index: int, phase: str = "train"):
+    """runner.build_trainer, with a SignalAtBatch(signum, index, phase) in every trainer."""
 
     def build(cfg):
         trainer = build_trainer(cfg)
-        trainer.callbacks.append(SignalAtBatch(signum, index))
+        trainer.callbacks.append(SignalAtBatch(signum, index, phase))
         return trainer
 
     return build

@@ -114,6 +114,8 @@ def test_resume_from_a_periodic_checkpoint_reproduces_the_run(full, tmp_path):
     epochs after it included (a second resume starts from them)."""
     job(tmp_path, EVERY_STEP, resume_from(full / "checkpoints" / "step=3.ckpt"))
     assert_continues(tmp_path, full, first=3 * ACCUMULATE)
+    # step 3 is not saved again inside the first window (with Lightning's counters ahead)
+    assert not (tmp_path / "checkpoints" / "step=3.ckpt").exists()
     names = [f"step={step}.ckpt" for step in range(4, STEPS + 1)] + ["last.ckpt"]
     pairs = [(load(full / "checkpoints" / n), load(tmp_path / "checkpoints" / n)) for n in names]
     assert [b["resume"]["data"] for _, b in pairs] == [a["resume"]["data"] for a, _ in pairs]
@@ -190,3 +192,34 @@ def test_best_ckpt_holds_the_validation_with_the_lowest_nll(full):
     # the periodic save of that step, written just before the validation: same weights,
     # EMA, optimiser, schedule and data position
     assert_same_state(load(full / "checkpoints" / f"step={step}.ckpt"), best)
+
+
+def test_a_signal_during_a_validation_waits_for_the_next_window_end(full, tmp_path, monkeypatch):
+    """SIGUSR1 as the validation after step 2 starts (the EMA weights and the validation's
+    RNG are swapped in): the validation ends, step 3's window runs, last.ckpt holds step
+    3 with the raw weights, and the resume from it is the uninterrupted run."""
+    killed, resumed = tmp_path / "killed", tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        build = with_signal(runner.build_trainer, signal.SIGUSR1, 1, phase="val")
+        patch.setattr(runner, "build_trainer", build)
+        with pytest.raises(SystemExit):
+            job(killed, NO_PERIODIC)
+    assert max(metric(killed, "trainer/loss")) == 3 * ACCUMULATE - 1
+    last = killed / "checkpoints" / "last.ckpt"
+    assert_same_state(load(full / "checkpoints" / "step=3.ckpt"), load(last))
+    job(resumed, NO_PERIODIC, resume_from(last))
+    assert_continues(resumed, full, first=3 * ACCUMULATE)
+
+
+def test_a_checkpoint_saved_inside_a_window_is_refused_for_resume(tmp_path):
+    """A validation every 6 micro-batches falls inside windows of 4: best.ckpt then has
+    no data position, and a resume from it is one error naming the fix."""
+    from errors import CheckpointError
+
+    first = tmp_path / "first"
+    job(first, NO_PERIODIC, "trainer.val_check_interval=6", "trainer.max_steps=3")
+    best = load(first / "checkpoints" / "best.ckpt")
+    assert best["resume"]["partial_window"] == [2, ACCUMULATE] and "data" not in best["resume"]
+    with pytest.raises(CheckpointError, match="multiple of 4"):
+        job(tmp_path / "again", resume_from(first / "checkpoints" / "best.ckpt"))
+    assert not (tmp_path / "again" / "checkpoints" / "last.ckpt").exists()

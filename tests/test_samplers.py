@@ -380,9 +380,10 @@ def test_sampling_a_time_conditioned_module_feeds_its_decoder_sigma(tmp_path, pr
 
     cfg = make_cfg(tmp_path, "time_conditioning=True", "model.length=16", "eval.disable_ema=True")
     module = build(cfg)[1]
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a network whose output depends on sigma (AdaLN is zero-init)
         for p in module.backbone.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
     seen, forward = [], module.backbone.forward
 
     def spy(xt, sigma, *args, **kwargs):
@@ -451,3 +452,12 @@ def test_sample_stats_report_network_calls_and_row_evaluations_per_sequence(batc
         "nfe_per_sequence": 5.0,  # every row is evaluated at each of the 5 calls
     }
     assert sigmas == [torch.Size([batch])] * 5
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.5, 1), (0.75, 2), (0.875, 3), (0.876, 4)])
+def test_top_p_at_a_cumulative_boundary_keeps_the_smallest_set_reaching_it(top_p, kept):
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in binary): the smallest set whose mass
+    reaches top_p = 1/2 is the first token alone, 3/4 the first two, and so on."""
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]], dtype=torch.float64).log()  # exact
+    out = samplers.filter_logits(logits, top_p=top_p)
+    assert torch.isfinite(out[0]).tolist() == [True] * kept + [False] * (4 - kept)
