@@ -365,9 +365,9 @@ class Diffusion(L.LightningModule):
         # The data position is applied here, before Lightning builds the data iterator
         # (worker processes start reading the sampler as soon as it exists).
         if self.train_sampler is not None and "data" in state:
-            self.train_sampler.load_state_dict(state["data"])
-            self._rows_seen = int(state["data"]["start"])
-            self._resumed_epoch = int(state["data"]["epoch"])
+            data = resume_state.data_position(state, checkpoint.get("loops"))
+            self.train_sampler.load_state_dict(data)
+            self._rows_seen, self._resumed_epoch = int(data["start"]), int(data["epoch"])
         self._resume_rng = state["rng"]
 
     # ---------------------------------------------------------------- exact resume

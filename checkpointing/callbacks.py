@@ -43,11 +43,11 @@ class SafetyCheckpoint(Callback):
         self.started = False
         self.interrupted_by: int | None = None
         self._deferred = False  # a stop signal waits for the end of an accumulation window
-        self._signal_saved: int | None = None  # the step a stop signal's save holds
+        self._saved: int | None = None  # the step our last save from on_train_batch_end holds
         self._handlers: dict[int, object] = {}  # the signal handlers before training
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self._last_is_final(trainer):
+        if self._saved != trainer.global_step and not self._last_is_final(trainer):
             trainer.save_checkpoint(self.path)
         self._restore_signals()
 
@@ -95,22 +95,45 @@ class SafetyCheckpoint(Callback):
         window Lightning's stop flag is hidden until the window's last micro-batch (a partial
         window is in no checkpoint); then last.ckpt is written here, where the periodic saves
         are, so a resume continues Lightning's loop counters exactly (a save from
-        on_exception would come after Lightning has counted the step once more)."""
-        connector = trainer._signal_connector
+        on_exception would come after Lightning has counted the step once more). The
+        final step (max_steps) is saved here too: on_train_end comes after Lightning has
+        closed the epoch, and a run extended from such a file would skip the epoch's rest."""
+        connector, step = trainer._signal_connector, trainer.global_step
+        mid_window = getattr(pl_module, "_micro", 0) != 0
+        final = 0 < trainer.max_steps <= step and not mid_window
+        if final and self._saved != step and not self._periodic_last_saves(trainer):
+            self._save_last(trainer)
         if not (connector.received_sigterm or self._deferred):
             return
-        mid_window = getattr(pl_module, "_micro", 0) != 0
         connector.received_sigterm, self._deferred = not mid_window, mid_window
-        if not mid_window and self._signal_saved != trainer.global_step:
-            trainer.save_checkpoint(self.path)
-            self._signal_saved = trainer.global_step
+        if not mid_window and self._saved != step:
+            self._save_last(trainer)
+
+    def _save_last(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved = trainer.global_step
+        for cb in trainer.checkpoint_callbacks:  # else its on_train_end writes it once more,
+            if getattr(cb, "save_last", False):  # after Lightning has closed the epoch
+                cb._last_checkpoint_saved = self.path
+
+    def _periodic_last_saves(self, trainer) -> bool:
+        """Will a ModelCheckpoint with save_last write our last.ckpt at this step (after us:
+        Lightning runs checkpoint callbacks last)?"""
+        return any(
+            cb.save_last
+            and cb._every_n_train_steps > 0
+            and trainer.global_step % cb._every_n_train_steps == 0
+            and os.path.abspath(os.path.join(cb.dirpath or "", "last.ckpt"))
+            == os.path.abspath(self.path)
+            for cb in trainer.checkpoint_callbacks
+        )
 
     def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
         """A stop signal during a validation inside training waits too: the EMA weights
         and the validation's RNG are swapped in until the validation ends."""
         connector = trainer._signal_connector
         if trainer.state.fn == "fit" and connector.received_sigterm:
-            if self._signal_saved != trainer.global_step:  # else: saved, stop right here
+            if self._saved != trainer.global_step:  # else: saved, stop right here
                 connector.received_sigterm, self._deferred = False, True
 
     def _to_sigterm(self, signum, frame) -> None:

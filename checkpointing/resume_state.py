@@ -39,6 +39,20 @@ def capture(rng: list, sampler, rows_seen: int, micro: int, accumulate: int) -> 
     return state
 
 
+def data_position(state: dict, loops: dict | None) -> dict:
+    """The sampler position a resume starts from. A checkpoint written after Lightning
+    closed the data's epoch (the end of a max_epochs run) resumes where Lightning does:
+    at the start of the next epoch, not `start` rows into it."""
+    data = dict(state["data"])
+    try:
+        closed = int(loops["fit_loop"]["epoch_progress"]["total"]["completed"])
+    except (KeyError, TypeError):
+        return data
+    if closed > data["epoch"]:
+        data.update(epoch=closed, start=0)
+    return data
+
+
 def check_resumable(state: dict) -> None:
     """Refuse (one line, with the fix) a training resume from a mid-window checkpoint."""
     if "partial_window" in state:

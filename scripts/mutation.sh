@@ -21,7 +21,8 @@ declare -A TESTS=(
   [algorithms/objectives.py]="tests/test_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
   [sampling/samplers.py]="tests/test_samplers.py tests/test_conditional.py"
-  [data/order.py]="tests/test_resume.py tests/test_distributed.py"
+  [data/order.py]="tests/test_resume.py tests/test_distributed.py tests/test_resume_accumulation.py"
+  [checkpointing/resume_state.py]="tests/test_resume_accumulation.py"
 )
 SELECTED=("$@")
 if [ ${#SELECTED[@]} -eq 0 ]; then

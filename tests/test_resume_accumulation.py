@@ -223,3 +223,37 @@ def test_a_checkpoint_saved_inside_a_window_is_refused_for_resume(tmp_path):
     with pytest.raises(CheckpointError, match="multiple of 4"):
         job(tmp_path / "again", resume_from(first / "checkpoints" / "best.ckpt"))
     assert not (tmp_path / "again" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_finished_run_extended_to_more_steps_is_the_longer_run(full, tmp_path):
+    """A run that ends at max_steps=6 (mid-epoch, no periodic save there), resumed from its
+    last.ckpt with max_steps=8: the rows, losses and final state of the 8-step run (the
+    final save sits where periodic saves are, inside its epoch, not after it closed)."""
+    short, longer = tmp_path / "short", tmp_path / "longer"
+    job(short, NO_PERIODIC, "trainer.max_steps=6")
+    last = short / "checkpoints" / "last.ckpt"
+    assert (
+        load(last)["resume"]["data"] == load(full / "checkpoints" / "step=6.ckpt")["resume"]["data"]
+    )
+    job(longer, NO_PERIODIC, resume_from(last))
+    assert_continues(longer, full, first=6 * ACCUMULATE)
+    assert_same_state(
+        load(full / "checkpoints" / "last.ckpt"), load(longer / "checkpoints" / "last.ckpt")
+    )
+
+
+def test_a_run_ended_by_max_epochs_resumes_at_the_next_epoch(tmp_path):
+    """max_epochs=1 (8 micro-batches: 2 whole windows) then resumed with max_epochs=2: the
+    second epoch reads all its rows, as in the uninterrupted 2-epoch run (the data
+    position of a file written after Lightning closed the epoch points past its end)."""
+    epochs = ["trainer.max_steps=-1", "trainer.limit_train_batches=8", NO_PERIODIC]
+    whole, first, second = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
+    job(whole, *epochs, "+trainer.max_epochs=2")
+    job(first, *epochs, "+trainer.max_epochs=1")
+    job(second, *epochs, "+trainer.max_epochs=2", resume_from(first / "checkpoints" / "last.ckpt"))
+    reference = metric(whole, "trainer/loss")
+    assert sorted(reference) == list(range(16))
+    assert metric(second, "trainer/loss") == {s: reference[s] for s in range(8, 16)}
+    assert_same_state(
+        load(whole / "checkpoints" / "last.ckpt"), load(second / "checkpoints" / "last.ckpt")
+    )

@@ -461,3 +461,10 @@ def test_top_p_at_a_cumulative_boundary_keeps_the_smallest_set_reaching_it(top_p
     logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]], dtype=torch.float64).log()  # exact
     out = samplers.filter_logits(logits, top_p=top_p)
     assert torch.isfinite(out[0]).tolist() == [True] * kept + [False] * (4 - kept)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_one_token_sequence_is_sampled(cache):
+    """L = 1 (the smallest row): every path indexes positions, not only their first two."""
+    x, stats = run(fixed_logits_denoiser(torch.zeros(1, V + 1)), all_mask(3, 1), cache=cache)
+    assert x.shape == (3, 1) and not (x == MASK).any() and stats.row_evals > 0
