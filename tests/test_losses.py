@@ -474,7 +474,9 @@ class BigramNet:
         return out
 
     def __call__(self, xt, sigma, key_mask=None, out_mask=None, z=None):
-        self.calls.append({"xt": xt.clone(), "key_mask": key_mask, "z": z, "out_mask": out_mask})
+        self.calls.append(
+            {"xt": xt.clone(), "key_mask": key_mask, "z": z, "out_mask": out_mask, "sigma": sigma}
+        )
         return self.logits(xt, z)[out_mask].float()
 
 
@@ -548,3 +550,69 @@ def test_vae_loss_defaults_to_the_bound_and_logs_the_positive_reconstruction_nll
     torch.testing.assert_close(out.per_seq.double(), w * (nll + kl), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.stats["recon"].double(), nll, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.stats["kl"].double(), kl, rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_masks_everything_and_a_time_conditioned_decoder_gets_sigma_of_t():
+    """T = 1: every t rounds up to 1, so (almost: alpha(1) = eps) every real token is
+    masked; time_conditioning=True feeds sigma(t) = -log alpha(t), else 0. No padding:
+    the token count is B * L."""
+    from algorithms import objectives
+
+    V = 5
+    x0 = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.3, 0.5, 0.1, 0.9])
+    for steps, conditioned in ((1, False), (0, True)):
+        spec = objectives.DiffusionSpec(
+            noise=LogLinear(), mask_id=V, vocab_size=V, num_steps=steps,
+            time_conditioning=conditioned,
+        )  # fmt: skip
+        net = BigramNet(V + 2)
+        out = objectives.mdlm_loss(net, x0, None, t, spec)
+        (call,) = net.calls
+        assert int(out.num_tokens) == 24
+        if steps == 1:
+            assert (call["xt"] == V).float().mean() > 0.9  # ~ 1 - 1e-3 at t = 1
+            torch.testing.assert_close(call["sigma"], torch.zeros(4))
+        else:
+            want = -torch.log1p(-(1 - 1e-3) * t.double())
+            torch.testing.assert_close(call["sigma"].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_free_bits_mu_std_and_the_latent_of_per_position_z_on_a_padded_batch():
+    """Per-position z (B, L, d) with padding: the free-bits term is lam_kl * sum over groups
+    of relu(nats * group - weighted batch mean of the group's KL), the KL counting real
+    positions only; the logged mu_std is the population std of mu over the batch averaged
+    over its entries; the kept Latent carries the padding mask."""
+    from algorithms import objectives
+
+    V, d, group, nats = 5, 4, 2, 3.0
+    x0, key_mask, t = padded_batch(V)
+    B, L = x0.shape
+    spec = objectives.DiffusionSpec(noise=LogLinear(), mask_id=V, vocab_size=V)
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(B, L, d, generator=g) * 0.3
+    mu[..., 0] *= 3.5  # dimension 0 above its own floor, its group (0, 1) below: group matters
+    log_sigma = torch.randn(B, L, d, generator=g) * 0.1 - 0.2
+    encoder = lambda x0, visible, sigma, key_mask: (mu, log_sigma)  # noqa: E731
+    draws = objectives.Draws(
+        torch.rand(x0.shape, generator=g), torch.randn(B, 1, L, d, generator=g)
+    )
+    args = (BigramNet(V + 2), encoder, x0, key_mask, t, spec)
+    plain = objectives.vae_loss(*args, draws=draws)
+    floored = objectives.vae_loss(*args, draws=draws, free_bits=objectives.FreeBits(nats, group))
+    m, ls = mu.double(), log_sigma.double()
+    kl = (0.5 * (m**2 + (2 * ls).exp() - 1) - ls) * key_mask[..., None]  # (B, L, d)
+    per_group = kl.sum(1).view(B, d // group, group).sum(-1)  # (B, groups)
+    w = 1 / t.double()  # the KL's weight: log-linear, T = 0, kl_weighting=time
+    mean = (w[:, None] * per_group).sum(0) / w.sum()
+    extra = w * torch.relu(nats * group - mean).sum()
+    assert extra.min() > 0, "the floor must bind for the test to say anything"
+    per_dim = (w[:, None] * kl.sum(1)).sum(0) / w.sum()
+    assert per_dim[0] > nats > per_dim[1] and per_dim[:2].sum() < nats * group
+    torch.testing.assert_close(floored.stats["free_bits"].double(), extra, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        (floored.per_seq - plain.per_seq).double(), extra, rtol=1e-5, atol=1e-5
+    )
+    want_std = m.flatten(1).std(0, correction=0).mean()
+    torch.testing.assert_close(plain.stats["mu_std"].double(), want_std.expand(B))
+    assert plain.latent.position_mask is key_mask
