@@ -77,7 +77,7 @@ def test_the_training_loss_uses_beta_and_the_kl_hold_as_configured(tmp_path, sch
         "trainer.max_steps=10",
         "trainer.val_check_interval=1000",
         "model.dropout=0",  # the three evaluations of a step see the same network
-        "decoder.mu_init_std=1",  # an informative encoder: L(1) - L(0) = the KL term > 0
+        "decoder.mu_init_std=3",  # an informative encoder: the KL term is visible
         f"training.loss_strategy={strategy}",
         f"training.init_kl_weight={init}",
         f"training.kl_weight_interval={interval}",
@@ -101,7 +101,7 @@ def test_the_training_loss_uses_beta_and_the_kl_hold_as_configured(tmp_path, sch
     assert sorted(seen) == list(range(10))
     for step, (loss, at0, at1) in seen.items():
         beta = beta_from_the_readme(step, strategy, init, interval, hold, cycles, ramp)
-        assert abs(at1 - at0) > 1e-3, "the KL term must be visible"  # (one-sample KL: any sign)
+        assert abs(at1 - at0) > 1e-2, "the KL term must be visible"  # (one-sample KL: any sign)
         assert loss == pytest.approx(at0 + beta * (at1 - at0), rel=1e-5, abs=1e-6), (step, beta)
 
 
