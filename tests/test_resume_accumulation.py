@@ -42,6 +42,7 @@ RUN = [
     "lr_scheduler.warmup_steps=4",
     "training.ema=0.5",  # the validated EMA weights follow the raw ones closely
     "checkpointing.keep_last=100",  # keep every periodic checkpoint
+    "trainer.precision=32-true",  # auto may pick bf16-mixed (AMX CPUs): the same path everywhere
 ]
 EVERY_STEP = "callbacks.checkpoint_every_n_steps.every_n_train_steps=1"
 # no periodic save: the pre-emption's save is the one last.ckpt holds (SafetyCheckpoint
