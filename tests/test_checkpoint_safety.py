@@ -208,6 +208,33 @@ def test_an_exception_does_not_write_a_state_behind_the_file(trained, tmp_path):
     assert len(written) == 1  # non-finite weights are never written
 
 
+@pytest.mark.parametrize("where", ["inside a window", "in a validation"])
+def test_a_crash_inside_a_window_or_a_validation_keeps_last_ckpt(trained, tmp_path, where):
+    """There the state is no step boundary (a partial window's rows and Lightning's
+    counters) or the EMA weights are swapped in: a crash past last.ckpt's step writes
+    nothing, although it would write at a step boundary outside a validation."""
+    from checkpointing.callbacks import SafetyCheckpoint
+
+    run_dir = copy_run(trained, tmp_path)
+    written = []
+
+    class Trainer:
+        global_step, validating = 9, where == "in a validation"
+
+        def save_checkpoint(self, path):
+            written.append(path)
+
+    net = torch.nn.Linear(1, 1)
+    net._micro = 2 if where == "inside a window" else 0
+    cb = SafetyCheckpoint(str(run_dir / "checkpoints"))
+    cb.started = True
+    cb.on_exception(Trainer(), net, RuntimeError("crash"))
+    assert written == []
+    net._micro, Trainer.validating = 0, False  # the same crash at a step boundary
+    cb.on_exception(Trainer(), net, RuntimeError("crash"))
+    assert written == [str(run_dir / "checkpoints" / "last.ckpt")]
+
+
 def test_a_nan_stop_keeps_last_ckpt_and_saves_the_last_finite_state_apart(tmp_path, monkeypatch):
     from test_end_to_end import build, dataloader, make_cfg
 
