@@ -23,7 +23,7 @@ from checkpointing import interchange, resume_state
 from checkpointing.checkpoints import load_for_eval, read_checkpoint
 from data.tokenization import Vocab, tokenizer_from_state
 from errors import CheckpointError, NonFiniteLossError, VaddError  # noqa: F401  (re-exported)
-from evaluation import latent_diagnostics
+from evaluation import latent_diagnostics, validation
 from models import build_networks
 from models.ema import ExponentialMovingAverage
 from noise_schedule import get_noise
@@ -121,9 +121,9 @@ class Diffusion(L.LightningModule):
         gen = torch.Generator().manual_seed(seed)
         t = losses.sample_t(
             n,
-            # discrete time: every step of the T-step grid equally likely (no eps cut-off)
-            eps=0.0 if self.cfg.T > 0 else self.cfg.training.sampling_eps,
+            eps=self.algorithm.t_eps(),  # T steps: every step equally likely, no cut-off
             antithetic=self.cfg.training.antithetic_sampling,
+            decoupled=bool(self.cfg.training.get("decoupled_strata", False)),
             generator=gen,
             offset=(micro * world + rank) * n,
             global_n=n * world * accumulate,
@@ -294,20 +294,7 @@ class Diffusion(L.LightningModule):
             sharding.gather_for_eval(self.networks())
 
     def validation_step(self, batch, batch_idx):
-        n = len(batch["input_ids"])
-        for draw in range(self.eval_draws):
-            t = self.draw_t(n, (self.cfg.seed + 1) * 7919 + batch_idx * 131 + draw, accumulate=1)
-            out = self.compute_loss(batch, t, beta=1.0, num_particles=self.eval_particles)
-            self._accumulate(f"nll_{draw}", out.per_seq.sum())
-            for name, value in out.stats.items():
-                self._accumulate(f"{name}_{draw}", value.sum())
-            if out.latent is not None:
-                lat = out.latent
-                self._latent_stats.add(lat.mu, lat.log_sigma, lat.t, lat.position_mask)
-            for name, value in self.algorithm.validation_extras(self, batch, t).items():
-                self._accumulate(f"{name}_{draw}", value)
-        self._accumulate("tokens", out.num_tokens)
-        self._accumulate("sequences", torch.tensor(n, device=self.device))
+        validation.evaluate_batch(self, batch, batch_idx)  # ppl_times draws, batched
 
     def _accumulate(self, key, value):
         value = value.detach().double()

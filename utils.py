@@ -126,6 +126,9 @@ def summarise_eval(sums: dict[str, torch.Tensor], draws: int) -> dict:
             out[key] = statistics.fmean(float(sums[f"{key}_{d}"]) / denom for d in range(draws))
     if "prior_nelbo" in out:
         out["prior_ppl"] = math.exp(min(out["prior_nelbo"], 700.0))
+    if "any_order_nll" in sums:  # exact, one order per sequence: no draws
+        out["any_order_nll"] = float(sums["any_order_nll"]) / tokens
+        out["any_order_ppl"] = math.exp(min(out["any_order_nll"], 700.0))
     return out
 
 

@@ -22,6 +22,7 @@ class Algorithm:
     """Hooks with MDLM-like defaults; subclasses override what differs."""
 
     name: ClassVar[str]  # the value of `selected_by` that picks this algorithm
+    aliases: ClassVar[tuple[str, ...]] = ()  # other spellings that select it (RADD's)
     selected_by: ClassVar[str] = "training.loss_type"
     label: ClassVar[str]  # what the exported model card calls the model
     uses_latent: ClassVar[bool] = False  # an encoder r(z | x0, xt) and a decoder reading z
@@ -52,8 +53,20 @@ class Algorithm:
         raise NotImplementedError
 
     def validation_extras(self, module, batch: dict, t) -> dict:
-        """Further per-batch sums for validation (name -> tensor summed over rows)."""
+        """Further per-row values for validation (name -> (rows,) tensor), summed there."""
         return {}
+
+    def log_score(self, logits, alpha_t):
+        """log of the concrete score p_t(y) / p_t([MASK]) at masked positions, for the real
+        tokens: logits (N, V) float32 of those positions, alpha_t (N,) or a scalar tensor
+        -> (N, V) in the logits' dtype. Absorbing diffusion's score is the clean-data
+        conditional times alpha_t / (1 - alpha_t) (RADD, eq. 4); SEDD's parameterisation
+        overrides this. The score entropy and SEDD's `analytic` sampler read it."""
+        import torch
+
+        a = torch.as_tensor(alpha_t, dtype=torch.float64, device=logits.device)
+        shift = (torch.log(a) - torch.log1p(-a)).reshape(-1, 1)
+        return torch.log_softmax(logits, dim=-1) + shift.to(logits.dtype)
 
     def latent_shape(self, length: int) -> tuple[int, ...] | None:
         """Shape of one sequence's z for rows of `length` tokens; None without a latent."""
@@ -65,21 +78,38 @@ class Algorithm:
     def time_desc(self) -> str:
         return "continuous time" if self.cfg.T == 0 else f"T={self.cfg.T} steps"
 
+    def t_eps(self) -> float:
+        """The lower end of the t (or masking ratio) draw: training.sampling_eps in
+        continuous time, 0 on a T-step grid (every step equally likely)."""
+        return 0.0 if self.cfg.T > 0 else float(self.cfg.training.sampling_eps)
+
+    def denoiser(self, vocab_size: int, latent: bool = False):
+        """The network `backbone=` names (models/radd.BACKBONES): MDLM's DiT or RADD's
+        time-free net; latent=True: the VADD decoder that reads z."""
+        from models.radd import BACKBONES
+
+        return BACKBONES[self.cfg.backbone][int(latent)](self.cfg.model, vocab_size)
+
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+ALIASES: dict[str, str] = {}  # another spelling -> the registered name
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make `cls` selectable by `<cls.selected_by>=<cls.name>`."""
-    if cls.name in ALGORITHMS and ALGORITHMS[cls.name] is not cls:
-        raise ValueError(f"an algorithm named {cls.name!r} is registered already")
+    """Class decorator: make `cls` selectable by `<cls.selected_by>=<cls.name>` (or an alias)."""
+    for name in (cls.name, *cls.aliases):
+        owner = ALGORITHMS.get(ALIASES.get(name, name))
+        if owner is not None and owner is not cls:
+            raise ValueError(f"an algorithm named {name!r} is registered already")
     ALGORITHMS[cls.name] = cls
+    ALIASES.update({alias: cls.name for alias in cls.aliases})
     return cls
 
 
 def names(selected_by: str = "training.loss_type") -> list[str]:
-    """The values of `selected_by` that select a registered algorithm."""
-    return [n for n, c in ALGORITHMS.items() if c.selected_by == selected_by]
+    """The values of `selected_by` that select a registered algorithm (aliases too)."""
+    own = [n for n, c in ALGORITHMS.items() if c.selected_by == selected_by]
+    return own + [a for a, n in ALIASES.items() if n in own]
 
 
 def algorithm_class(cfg: DictConfig) -> type[Algorithm]:
@@ -87,9 +117,9 @@ def algorithm_class(cfg: DictConfig) -> type[Algorithm]:
     for cls in ALGORITHMS.values():
         if cls.selected_by != "training.loss_type" and _select(cfg, cls.selected_by) == cls.name:
             return cls
-    name = cfg.training.loss_type
+    name = ALIASES.get(cfg.training.loss_type, cfg.training.loss_type)
     if name not in ALGORITHMS:
-        raise ConfigError(f"training.loss_type={name!r} is not one of {names()}")
+        raise ConfigError(f"training.loss_type={cfg.training.loss_type!r} is not one of {names()}")
     return ALGORITHMS[name]
 
 
@@ -118,12 +148,11 @@ class MDLM(Algorithm):
     """Masked diffusion (Sahoo et al. 2024): the SUBS-parameterised NELBO, no latent."""
 
     name, label = "mdlm", "MDLM (DiT)"
+    aliases = ("t_DCE", "t_dce")  # RADD's name for the same loss
     transformers_class = "VaddForMaskedLM"
 
     def build_networks(self, vocab_size):
-        from models.dit import DIT
-
-        return DIT(self.cfg.model, vocab_size), None
+        return self.denoiser(vocab_size), None
 
     def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
         from algorithms import objectives
@@ -132,6 +161,8 @@ class MDLM(Algorithm):
         return objectives.mdlm_loss(module.backbone, x0, key_mask(batch), t, module.spec, draws)
 
     def bound_name(self, num_particles):
+        if self.cfg.training.loss_type != self.name:  # asked for by RADD's name
+            return f"t-DCE = MDLM NELBO ({self.time_desc()})"
         return f"MDLM NELBO ({self.time_desc()})"
 
 
@@ -178,10 +209,10 @@ class VADD(Algorithm):
             )
 
     def build_networks(self, vocab_size):
-        from models.dit import GenDIT, InferDIT
+        from models.dit import InferDIT
 
         m = self.cfg.model
-        decoder = GenDIT(m, vocab_size)  # first: the order fixes both initialisations
+        decoder = self.denoiser(vocab_size, latent=True)  # first: fixes both initialisations
         return decoder, InferDIT(self.cfg.decoder, m.latent_dim, m.latent1d, vocab_size, m.gelu)
 
     def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
@@ -207,7 +238,7 @@ class VADD(Algorithm):
         prior = objectives.vae_prior_nelbo(
             module.backbone, x0, key_mask(batch), t, module.spec, shape
         )
-        return {"prior_nelbo": prior.per_seq.sum()}
+        return {"prior_nelbo": prior.per_seq}
 
 
 def _check_kl_once(cfg: DictConfig) -> None:
@@ -267,3 +298,6 @@ class AR(Algorithm):
 
     def bound_name(self, num_particles):
         return "exact autoregressive NLL"
+
+
+from algorithms import radd as _radd  # noqa: E402, F401  (registers RADD's and SEDD's losses)

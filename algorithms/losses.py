@@ -33,6 +33,7 @@ def sample_t(
     offset: int = 0,
     global_n: int | None = None,
     device: torch.device | str = "cpu",
+    decoupled: bool = False,
 ) -> torch.Tensor:
     """n diffusion times in [eps, 1].
 
@@ -40,12 +41,18 @@ def sample_t(
     batch: sample i of the global batch gets ((u + i / N) mod 1). `offset` is the index of
     this micro-batch's first sample in the global batch (rank, accumulation step), so the
     strata are disjoint across devices when every rank uses the same generator state.
+    decoupled (RADD's "decoupled" sampler): sample i gets (u_i + i) / N, one uniform per
+    stratum instead of a shared one.
     """
     if antithetic:
         global_n = global_n or n
-        u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
         idx = torch.arange(offset, offset + n, device=device, dtype=torch.float64)
-        t = torch.remainder(u + idx / global_n, 1.0)
+        if decoupled:
+            u = torch.rand(global_n, generator=generator, device=device, dtype=torch.float64)
+            t = (u[offset : offset + n] + idx) / global_n
+        else:
+            u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+            t = torch.remainder(u + idx / global_n, 1.0)
     else:  # i.i.d. over the global batch: this micro-batch's slice, not the same n draws
         global_n = global_n or n
         t = torch.rand(global_n, generator=generator, device=device, dtype=torch.float64)
@@ -68,6 +75,30 @@ def mask_tokens(
     if u is None:
         u = torch.rand(x0.shape, device=x0.device)
     return torch.where(u < p_mask, torch.full_like(x0, mask_id), x0)
+
+
+def mask_exactly_k(u: torch.Tensor, k: torch.Tensor, key_mask=None) -> torch.Tensor:
+    """k-DCE's forward process: mask exactly k (B,) of each row's real positions, a
+    uniformly random subset: the k real positions with the smallest uniforms u (B, L)."""
+    if key_mask is not None:
+        u = u.masked_fill(~key_mask, 2.0)  # padding sorts last: never chosen
+    kth = u.sort(dim=1).values.gather(1, (k - 1).clamp_min(0)[:, None])  # (B, 1)
+    return u <= kth
+
+
+def score_entropy(
+    log_score: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """Denoising score entropy (Lou et al. 2024) at masked positions, absorbing process:
+    log_score (N, V) = log p_t(y) / p_t([MASK]) for the real tokens y, target (N,) the
+    clean tokens, alpha (N,) alpha_t of each position's row -> (N,), >= 0 and 0 exactly
+    when the score is the true one, alpha / (1 - alpha) at the target.
+
+    With r = alpha / (1 - alpha): sum_y exp(s_y) - r s_target + r (log r - 1). A
+    normalised conditional, s = log c + log r, makes it r (-log c_target): t-DCE."""
+    ratio = (alpha / (1.0 - alpha)).to(log_score.dtype)
+    picked = log_score.gather(1, target[:, None]).squeeze(1)
+    return log_score.exp().sum(-1) - ratio * picked + ratio * (torch.log(ratio) - 1.0)
 
 
 CE_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one chunk of the cross-entropy (64 MiB)

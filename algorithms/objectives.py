@@ -153,6 +153,100 @@ def vae_prior_nelbo(backbone, x0, key_mask, t, spec: DiffusionSpec, latent_shape
     return LossOutput(losses.nelbo_mdlm(recon, lam_rec), _num_tokens(x0, key_mask))
 
 
+# ---------------------------------------------------------------- RADD's and SEDD's losses
+def lambda_dce_loss(backbone, x0, key_mask, lam, spec: DiffusionSpec, draws=None) -> LossOutput:
+    """RADD's lambda-DCE: each real position masked with probability lam (B,), the
+    masking ratio drawn directly (no schedule); loss (1 / lam) sum_masked -log p(x0 | xt).
+    Its expectation over lam ~ U(0, 1] is the continuous-time NELBO, as t-DCE's."""
+    masked = _uniforms(x0, draws) < lam[:, None]
+    return _dce(backbone, x0, key_mask, masked, lam.reciprocal(), spec)
+
+
+def k_dce_loss(backbone, x0, key_mask, u_k, spec: DiffusionSpec, draws=None) -> LossOutput:
+    """RADD's k-DCE (the any-order autoregressive objective): k ~ U{1..n} of the n real
+    positions masked, a uniformly random subset; loss (n / k) sum_masked -log p. Its
+    expectation is the NLL of an any-order AR model averaged over random orders.
+    u_k (B,) in [0, 1) picks k = floor(u_k n) + 1 (stratified like t)."""
+    n = x0.new_full((x0.shape[0],), x0.shape[1]) if key_mask is None else key_mask.sum(1)
+    k = torch.minimum((u_k * n).floor().long() + 1, n)
+    masked = losses.mask_exactly_k(_uniforms(x0, draws), k, key_mask)
+    return _dce(backbone, x0, key_mask, masked, n / k, spec)
+
+
+def _uniforms(x0, draws) -> torch.Tensor:
+    """The (B, L) uniforms of the forward masking: pre-drawn for the global batch, or new."""
+    if draws is not None and draws.mask_u is not None:
+        return draws.mask_u
+    return torch.rand(x0.shape, device=x0.device)
+
+
+def _dce(backbone, x0, key_mask, masked, weight, spec) -> LossOutput:
+    if key_mask is not None:
+        masked = masked & key_mask
+    xt = torch.where(masked, spec.mask_id, x0)
+    sigma = torch.zeros(x0.shape[0], device=x0.device)  # time-free: checked at start-up
+    recon = _recon(backbone, x0, xt, masked, sigma, spec, key_mask=key_mask)
+    per_seq = -weight.to(recon.dtype) * recon
+    return LossOutput(per_seq, _num_tokens(x0, key_mask), {"recon": -recon.detach()})
+
+
+def score_entropy_loss(
+    backbone, x0, key_mask, t, spec: DiffusionSpec, log_score, draws=None
+) -> LossOutput:
+    """Diffusion-weighted denoising score entropy (SEDD's loss; RADD's t-DSE): per masked
+    position sigma'(t) x score_entropy, sigma = -log alpha_t. log_score(logits (N, V)
+    float32, alpha (N,)) turns the network's output into log-scores (the algorithm's)."""
+    t, xt, masked = _noisy_batch(x0, key_mask, t, spec, draws)
+    logits = backbone(xt, spec.sigma(t), key_mask=key_mask, out_mask=masked)  # (N, V_out)
+    alpha = spec.noise.alpha(t).double()  # (B,)
+    rows = alpha[:, None].expand_as(masked)[masked]  # (N,)
+    score = log_score(logits[:, : spec.vocab_size].float(), rows)
+    entropy = losses.score_entropy(score, x0[masked], rows.to(score.dtype))
+    dsigma = (-spec.noise.dalpha(t) / spec.noise.alpha(t)).double()  # (B,)
+    per_pos = losses.scatter_rows(entropy, masked)  # (B, L)
+    per_seq = (dsigma * per_pos.sum(-1)).float()
+    return LossOutput(per_seq, _num_tokens(x0, key_mask))
+
+
+@torch.no_grad()
+def any_order_nll(backbone, x0, key_mask, rank, spec: DiffusionSpec, rows_per_call=64):
+    """Exact NLL (B,) of x0 under the any-order AR model the denoiser defines, in the
+    order `rank` (B, L) gives (position with rank i is predicted i-th, from the tokens of
+    smaller rank): sum_i -log p(x^{pi_i} | x^{pi_<i}), i.e. n network calls for n real
+    positions, batched `rows_per_call` sequences at a time."""
+    B, L = x0.shape
+    n = torch.full((B,), L, device=x0.device) if key_mask is None else key_mask.sum(1)
+    real = torch.ones_like(x0, dtype=torch.bool) if key_mask is None else key_mask
+    if key_mask is not None:  # real positions first, in the given order
+        rank = rank.double().masked_fill(~key_mask, float("inf"))
+    rank = rank.argsort(1).argsort(1)  # 0..L-1 per row, padding last
+    total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+    steps = torch.arange(int(n.max()), device=x0.device)
+    per_call = max(1, rows_per_call // B)
+    for chunk in steps.split(per_call):  # (g,) steps at once: g * B rows per call
+        i = chunk[:, None, None]  # (g, 1, 1)
+        masked = ((rank[None] >= i) & real[None]).flatten(0, 1)  # (g B, L)
+        target = ((rank[None] == i) & real[None]).flatten(0, 1)
+        x = x0.repeat(len(chunk), 1)
+        xt = torch.where(masked, spec.mask_id, x)
+        km = None if key_mask is None else key_mask.repeat(len(chunk), 1)
+        sigma = _visible_sigma(xt, masked, spec)
+        logits = backbone(xt, sigma, key_mask=km, out_mask=target)
+        logp = losses.masked_token_logp(logits, x[target], spec.vocab_size)
+        total -= losses.scatter_rows(logp.double(), target).sum(-1).view(len(chunk), B).sum(0)
+    return total
+
+
+def _visible_sigma(xt, masked, spec: DiffusionSpec) -> torch.Tensor:
+    """sigma of rows with no time (B,): 0, or for a time-conditioned net -log of the
+    visible fraction (at least alpha(1), the noisiest level it was trained on)."""
+    if not spec.time_conditioning:
+        return torch.zeros(xt.shape[0], device=xt.device)
+    floor = spec.noise.alpha(torch.tensor(1.0, dtype=torch.float64)).item()
+    visible = 1.0 - masked.double().mean(1)
+    return (-torch.log(visible.clamp_min(floor))).float()
+
+
 def ar_loss(net, x0, key_mask, spec: DiffusionSpec) -> LossOutput:
     """Next-token NLL: predict x0[:, 1:] from x0[:, :-1] (the first token is given)."""
     inputs, targets = x0[:, :-1], x0[:, 1:]

@@ -36,8 +36,8 @@ from sampling import predictors
 CHOICES = {
     "mode": ["train", "ppl_eval", "sample_eval"],
     "diffusion": ["absorbing_state"],
-    "backbone": ["dit", "ar"],
-    "parameterization": ["subs", "ar"],
+    "backbone": ["dit", "ar", "radd"],
+    "parameterization": ["subs", "sedd", "ar"],
     "training.loss_type": "registry",  # the registered algorithms (registry_choices)
     "training.loss_strategy": ["klweight", "cyclical", "none"],
     "training.kl_weighting": ["time", "steps", "once"],

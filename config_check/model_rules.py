@@ -16,6 +16,16 @@ def _check_backbone(cfg):
             f"backbone={cfg.backbone} with parameterization={cfg.parameterization}: "
             "the AR baseline needs both backbone=ar and parameterization=ar"
         )
+    if cfg.backbone == "radd" and cfg.time_conditioning:
+        raise ConfigError(
+            "backbone=radd is RADD's time-independent network, it has no time input: set "
+            "time_conditioning=False, or backbone=dit to condition on time"
+        )
+    if str(cfg.model.get("name", "")).endswith("_radd") and cfg.backbone != "radd":
+        raise ConfigError(
+            f"model={cfg.model.name} gives RADD's sizes for its time-free network, but "
+            f"backbone={cfg.backbone}: add backbone=radd (or pick model=small / medium)"
+        )
     if cfg.training.kl_weighting == "steps" and cfg.T < 1:
         raise ConfigError(
             "training.kl_weighting=steps needs the number of steps T >= 1 "

@@ -10,30 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from models import attention
-from models.dit import GELU, EmbeddingLayer, LayerNorm, round_up
-
-
-class CausalBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, *, gelu: str, mlp_ratio=4, dropout=0.0):
-        super().__init__()
-        self.n_heads = n_heads
-        self.norm1 = LayerNorm(dim)
-        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim),
-            GELU(gelu),
-            nn.Linear(mlp_ratio * dim, dim),
-        )
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, rotary, key_mask=None):
-        qkv = self.attn_qkv(self.norm1(x))
-        # Causal attention needs no padding mask: padding sits after the real tokens.
-        h = attention.self_attention(qkv, self.n_heads, rotary, causal=True)
-        x = x + self.dropout(self.attn_out(h))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+from models.dit import EmbeddingLayer, LayerNorm, PreLNBlock, round_up
 
 
 class AR(nn.Module):
@@ -46,7 +23,9 @@ class AR(nn.Module):
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, rows)
         self.rotary = attention.Rotary(cfg.hidden_size // cfg.n_heads)
         self.blocks = nn.ModuleList(
-            CausalBlock(cfg.hidden_size, cfg.n_heads, dropout=cfg.dropout, gelu=cfg.gelu)
+            PreLNBlock(
+                cfg.hidden_size, cfg.n_heads, gelu=cfg.gelu, causal=True, dropout=cfg.dropout
+            )
             for _ in range(cfg.n_blocks)
         )
         self.norm_final = LayerNorm(cfg.hidden_size)

@@ -66,15 +66,18 @@ class GELU(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias, computed in float32 (MDLM's convention)."""
+    """LayerNorm computed in float32: a weight and no bias (MDLM's convention), or a
+    weight and a bias (bias=True: RADD's blocks; RADD starts its bias at ones, we at 0)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float())
+            y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), bias)
         return y.to(x.dtype)
 
 
@@ -139,6 +142,31 @@ class DDiTBlock(nn.Module):
         x = torch.addcmul(x, gate1, self.dropout(self.attn_out(h)))  # x + gate * h, fused
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return torch.addcmul(x, gate2, self.dropout(h))
+
+
+class PreLNBlock(nn.Module):
+    """A plain pre-LN transformer block, no conditioning: the AR baseline's (causal,
+    LayerNorm without bias) and RADD's (bidirectional, LayerNorm with bias)."""
+
+    def __init__(
+        self, dim: int, n_heads: int, *, gelu: str, causal=False, norm_bias=False, dropout=0.0
+    ):
+        super().__init__()
+        self.n_heads, self.causal = n_heads, causal
+        self.norm1 = LayerNorm(dim, bias=norm_bias)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim, bias=norm_bias)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), GELU(gelu), nn.Linear(4 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, rotary, key_mask=None):
+        # causal attention needs no padding mask: padding sits after the real tokens
+        key_mask = None if self.causal else key_mask
+        qkv = self.attn_qkv(self.norm1(x))
+        h = self_attention(qkv, self.n_heads, rotary, key_mask, self.causal)
+        x = x + self.dropout(self.attn_out(h))
+        return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class DDitFinalLayer(nn.Module):

@@ -17,7 +17,9 @@ from sampling import predictors
 def test_the_validators_choices_are_the_registries():
     choices = registry_choices()
     assert choices["training.loss_type"] == algorithms.names("training.loss_type")
-    assert set(choices["training.loss_type"]) == {"mdlm", "vae"}
+    own = {"mdlm", "vae", "lambda_dce", "k_dce", "t_dse"}
+    radd = {"t_DCE", "t_dce", "lambda_DCE", "k_DCE", "t_DSE"}  # RADD's spellings
+    assert set(choices["training.loss_type"]) == own | radd
     assert choices["sampling.predictor"] == ["auto", *predictors.PREDICTORS]
     families = {cls.family for cls in algorithms.ALGORITHMS.values()}
     for cls in algorithms.ALGORITHMS.values():  # every default sampler exists and fits
@@ -53,6 +55,11 @@ def test_the_other_name_maps_match_their_choice_lists_and_config_groups():
         (["eval.num_particles=3"], "vae", "negative IWAE-DELBO (K=3)"),
         (["training.loss_type=mdlm", "T=4"], "mdlm", "MDLM NELBO (T=4 steps)"),
         (["backbone=ar", "parameterization=ar"], "ar", "exact autoregressive NLL"),
+        (["training.loss_type=t_DCE"], "mdlm", "t-DCE = MDLM NELBO (continuous time)"),
+        (["training.loss_type=lambda_DCE"], "lambda_dce", "lambda-DCE bound"),
+        (["training.loss_type=k_DCE", "backbone=radd"], "k_dce", "k-DCE bound"),
+        (["training.loss_type=t_DSE"], "t_dse", "t-DSE bound"),
+        (["parameterization=sedd", "time_conditioning=True"], "sedd", "DWDSE bound"),
     ],
 )
 def test_the_config_selects_the_algorithm_and_its_bound(tmp_path, overrides, name, bound):
@@ -124,7 +131,9 @@ def test_a_registered_algorithm_and_sampler_train_evaluate_and_sample(tmp_path, 
 
 
 def test_an_unregistered_name_is_refused_with_the_registered_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"'half_mdlm' is not one of \['mdlm', 'vae'\]"):
+    with pytest.raises(
+        ConfigError, match=r"'half_mdlm' is not one of \['mdlm', 'vae', 'lambda_dce'"
+    ):
         validate_config(make_cfg(tmp_path, "training.loss_type=half_mdlm"))
     with pytest.raises(ConfigError, match="sampling.predictor='greedy' is not one of"):
         validate_config(make_cfg(tmp_path, "sampling.predictor=greedy"))
