@@ -230,20 +230,21 @@ def any_order_nll(backbone, x0, key_mask, rank, spec: DiffusionSpec, rows_per_ca
         x = x0.repeat(len(chunk), 1)
         xt = torch.where(masked, spec.mask_id, x)
         km = None if key_mask is None else key_mask.repeat(len(chunk), 1)
-        sigma = _visible_sigma(xt, masked, spec)
+        sigma = _visible_sigma(masked, n.repeat(len(chunk)), spec)
         logits = backbone(xt, sigma, key_mask=km, out_mask=target)
         logp = losses.masked_token_logp(logits, x[target], spec.vocab_size)
         total -= losses.scatter_rows(logp.double(), target).sum(-1).view(len(chunk), B).sum(0)
     return total
 
 
-def _visible_sigma(xt, masked, spec: DiffusionSpec) -> torch.Tensor:
+def _visible_sigma(masked, real, spec: DiffusionSpec) -> torch.Tensor:
     """sigma of rows with no time (B,): 0, or for a time-conditioned net -log of the
-    visible fraction (at least alpha(1), the noisiest level it was trained on)."""
+    visible fraction of the `real` (B,) positions (at least alpha(1), the noisiest level
+    it was trained on)."""
     if not spec.time_conditioning:
-        return torch.zeros(xt.shape[0], device=xt.device)
+        return torch.zeros(masked.shape[0], device=masked.device)
     floor = spec.noise.alpha(torch.tensor(1.0, dtype=torch.float64)).item()
-    visible = 1.0 - masked.double().mean(1)
+    visible = 1.0 - masked.sum(1).double() / real.double()
     return (-torch.log(visible.clamp_min(floor))).float()
 
 

@@ -32,6 +32,8 @@ def transformers_keys(cfg: DictConfig, model_size: int) -> dict:
     m = cfg.model
     if name is None or m.get("type", "ddit") != "ddit" or cfg.data.get("kind", "text") != "text":
         return {}  # (older runs lack type / kind: DiTs on text then)
+    if cfg.get("backbone", "dit") != "dit":  # modeling_vadd.py builds the DiT only
+        return {}
     if "gelu" not in m or "vocab_multiple" not in m:  # saved before those keys existed
         return {}
     return {

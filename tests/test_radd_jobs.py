@@ -78,3 +78,28 @@ def test_the_new_choices_compose_on_the_command_line(tmp_path):
     for line in ("backbone: radd", "name: small_radd", "loss_type: k_DCE", "any_order: random",
                  "decoupled_strata: true", "hidden_size: 768"):  # fmt: skip
         assert line in proc.stdout, line
+
+
+def test_batched_ppl_times_draws_are_the_draws_one_at_a_time(tmp_path, monkeypatch):
+    """eval.ppl_times draws go through the network several at a time (RADD evaluates
+    with 1024): each draw keeps its own t, masks and sums, so the per-draw NLLs are
+    those of one draw per call, for a model without a latent."""
+    from evaluation import validation
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    args = [*FAST, "training.loss_type=mdlm"]
+    evaluate = [*args, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", "eval.limit_batches=2",
+                "+eval.ppl_times=5"]  # fmt: skip
+    results = []
+    with one_thread():
+        run_job(tmp_path, *args, "trainer.max_steps=2")
+        for tokens_per_call in (1, 1 << 16):  # one draw a call; all five in one call
+            monkeypatch.setattr(validation, "EVAL_TOKENS_PER_CALL", tokens_per_call)
+            run_job(tmp_path, *evaluate)
+            results.append(json.loads((tmp_path / "ppl_eval.json").read_text()))
+    one, batched = results
+    assert batched["nll_per_draw"] == pytest.approx(one["nll_per_draw"], rel=1e-6)
+    assert len(set(one["nll_per_draw"])) == 5  # five different draws
+    assert (
+        (batched["tokens"], batched["sequences"]) == (one["tokens"], one["sequences"]) == (256, 8)
+    )

@@ -120,14 +120,17 @@ def test_sedd_zero_logits_are_the_score_of_a_uniform_conditional():
 
 
 # ------------------------------------------------------------- the exact any-order NLL
-def conditionals(net, x0: torch.Tensor) -> dict:
-    """{masked subset: {position: log p(x_i | x_visible)}} for one sequence (L,)."""
+def conditionals(net, x0: torch.Tensor, time_conditioning=False) -> dict:
+    """{masked subset: {position: log p(x_i | x_visible)}} for one sequence (L,); a
+    time-conditioned net gets sigma = -log(visible fraction), at least -log alpha(1)."""
     L, out = len(x0), {}
     for k in range(1, L + 1):
         for subset in itertools.combinations(range(L), k):
             xt = x0.clone()
             xt[list(subset)] = V
-            logits = net(xt[None], torch.zeros(1))[0, :, :V]
+            visible = max((L - k) / L, 1 - (1 - 1e-3) * 1.0)  # LogLinear(1e-3).alpha(1)
+            sigma = torch.tensor([-math.log(visible) if time_conditioning else 0.0])
+            logits = net(xt[None], sigma)[0, :, :V]
             logp = torch.log_softmax(logits.double(), -1)
             out[subset] = {i: logp[i, x0[i]].item() for i in subset}
     return out
@@ -137,9 +140,9 @@ def order_nll(cond: dict, order) -> float:
     return -sum(cond[tuple(sorted(order[j:]))][order[j]] for j in range(len(order)))
 
 
-def enumerate_orders(net, x0):
+def enumerate_orders(net, x0, time_conditioning=False):
     """(mean over orders of the order's NLL, NLL of the uniform mixture over orders)."""
-    cond = conditionals(net, x0)
+    cond = conditionals(net, x0, time_conditioning)
     nlls = torch.tensor([order_nll(cond, o) for o in itertools.permutations(range(len(x0)))])
     mixture = -(torch.logsumexp(-nlls, 0) - math.log(len(nlls)))
     return nlls.mean().item(), mixture.item(), cond
@@ -195,24 +198,27 @@ def test_each_draw_weights_the_masked_conditionals_as_its_loss_says(name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["radd", "dit"])
+@pytest.mark.parametrize("kind", ["radd", "dit", "dit_time"])
 def test_any_order_nll_is_the_enumerated_likelihood_of_that_order(kind):
-    net, spec = tiny_net(kind, seed=7), spec_for()
+    timed = kind == "dit_time"
+    net, spec = tiny_net(kind[:4].strip("_"), seed=7), spec_for(time_conditioning=timed)
     x0 = torch.tensor([[1, 0, 2, 2], [0, 0, 1, 2], [2, 1, 1, 0]])
     forward = torch.arange(4.0).expand(3, 4)
     got = objectives.any_order_nll(net, x0, None, forward, spec, rows_per_call=6)
     rank = torch.rand(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got_random = objectives.any_order_nll(net, x0, None, rank, spec, rows_per_call=64)
     for b in range(3):
-        _, _, cond = enumerate_orders(net, x0[b])
+        _, _, cond = enumerate_orders(net, x0[b], timed)
         assert got[b].item() == pytest.approx(order_nll(cond, [0, 1, 2, 3]), rel=1e-6, abs=1e-5)
         order = rank[b].argsort().tolist()
         assert got_random[b].item() == pytest.approx(order_nll(cond, order), rel=1e-6, abs=1e-5)
 
 
 @torch.no_grad()
-def test_any_order_nll_of_a_padded_row_is_its_unpadded_nll():
-    net, spec = tiny_net("radd", seed=8), spec_for()
+@pytest.mark.parametrize("kind", ["radd", "dit_time"])
+def test_any_order_nll_of_a_padded_row_is_its_unpadded_nll(kind):
+    timed = kind == "dit_time"  # sigma from the visible share of the real positions
+    net, spec = tiny_net(kind[:4].strip("_"), seed=8), spec_for(time_conditioning=timed)
     x0 = torch.tensor([[1, 2, 0, 0], [2, 0, 1, 1]])
     key_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
     nll = objectives.any_order_nll(net, x0, key_mask, torch.arange(4.0).expand(2, 4), spec)
