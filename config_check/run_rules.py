@@ -110,6 +110,25 @@ def _check_eval(cfg):
     times = optional(cfg, "eval.ppl_times")
     if not isinstance(times, int) or isinstance(times, bool) or times < 1:
         raise ConfigError(f"eval.ppl_times={times!r} must be an integer >= 1")
+    _check_any_order(cfg)
+
+
+def _check_any_order(cfg):
+    """eval.any_order: the exact likelihood of a denoiser read as an any-order AR model."""
+    order = cfg.eval.get("any_order")
+    if order is None:
+        return
+    if order not in ("forward", "backward", "random"):
+        raise ConfigError(
+            f"eval.any_order={order!r} is not one of ['forward', 'backward', 'random'] "
+            "(or null: off)"
+        )
+    algo = algorithms.algorithm_class(cfg)
+    if algo.uses_latent or algo.family != "diffusion":
+        raise ConfigError(
+            f"eval.any_order={order} reads the denoiser as an any-order AR model, which "
+            f"{_algorithm_key(cfg)} is not (a latent z or a causal model): set eval.any_order=null"
+        )
 
 
 def _check_warm_start(cfg):
@@ -262,4 +281,47 @@ def _check_sampling(cfg):
         raise ConfigError(
             f"sampling.fixz={fixz} only applies to the vae samplers (got "
             f"sampling.predictor={pred.name}): drop sampling.fixz or use sampling.predictor=vae"
+        )
+    if cfg.sampling.get("semi_ar", False):
+        _check_semi_ar(cfg, pred, algo)
+
+
+def _check_semi_ar(cfg, pred, algo):
+    """sampling.semi_ar: windows of model.length slid by stride_length, num_strides times
+    (samplers.sample_semi_ar); the first window alone holds the BOS frame and a prefix."""
+    s, length = cfg.sampling, cfg.model.length
+    off = "or set sampling.semi_ar=False"
+    if algo.family == "ar":
+        raise ConfigError(
+            f"sampling.semi_ar=True slides a diffusion sampler's window, and "
+            f"{algo.selected_by}={algo.name} decodes left to right at any length: set "
+            "sampling.semi_ar=False"
+        )
+    if not pred.uses_steps:
+        raise ConfigError(
+            f"sampling.semi_ar=True does not combine with sampling.predictor={pred.name}: use "
+            f"a stepped diffusion sampler (sampling.predictor={algo.default_predictor}) {off}"
+        )
+    if cfg.data.kind != "text":
+        raise ConfigError(
+            f"sampling.semi_ar=True writes rows longer than model.length, which "
+            f"data={cfg.data.name} ({cfg.data.kind} data) cannot score: set sampling.semi_ar=False"
+        )
+    for key in ("suffix", "template"):
+        if s.get(key):
+            raise ConfigError(
+                f"sampling.{key}={s[key]!r} with sampling.semi_ar=True: only a prefix is "
+                f"supported (it opens the first window): drop sampling.{key} {off}"
+            )
+    frame = int(s.frame == "auto" or bool(s.prefix))  # BOS at 0 (semi-AR drops the EOS)
+    num, stride, most = s.get("num_strides"), s.get("stride_length"), length - frame
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ConfigError(
+            f"sampling.num_strides={num!r} must be an integer >= 1 (the number of windows) {off}"
+        )
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= most:
+        why = f"model.length={length}" + (" less the BOS the frame fixes" if frame else "")
+        raise ConfigError(
+            f"sampling.stride_length={stride!r} must be an integer in [1, {most}] ({why}): "
+            f"each window keeps model.length - stride_length tokens of the last {off}"
         )

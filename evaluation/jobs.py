@@ -37,8 +37,10 @@ def run_ppl_eval(
 ) -> dict:
     module.eval_draws = int(optional(cfg, "eval.ppl_times"))
     module.eval_particles = int(cfg.eval.num_particles)
+    module.eval_any_order = cfg.eval.get("any_order")
     start = time.time()
     trainer.validate(module, dataloaders=loader, verbose=False)
+    module.eval_any_order = None
     results = {
         "mode": "ppl_eval",
         "data": cfg.data.name,
@@ -46,6 +48,7 @@ def run_ppl_eval(
         "bound": bound_name(cfg, module.eval_particles),
         "weights": "raw" if (cfg.eval.disable_ema or module.ema is None) else "EMA",
         "ppl_times": module.eval_draws,
+        "any_order": _any_order_record(cfg),
         "num_particles": module.eval_particles,
         "seconds": round(time.time() - start, 2),
         **module.results,
@@ -64,6 +67,11 @@ def run_ppl_eval(
             f"{module.eval_draws} draw(s), {int(results.get('sequences', 0))} of "
             f"{results['rows_in_split'] or '?'} rows) -> {path}"
         )
+        if "any_order_nll" in results:
+            utils.print0(
+                f"[ppl_eval] {results['any_order']['bound']}: ppl={results['any_order_ppl']:.3f} "
+                f"nll={results['any_order_nll']:.4f}"
+            )
         share = (results["split"] or {}).get("validation_share")
         if share is not None:
             split = results["split"]
@@ -85,6 +93,18 @@ def run_ppl_eval(
     return results
 
 
+def _any_order_record(cfg: DictConfig) -> dict | None:
+    """What `any_order_nll` is (eval.any_order), or None when it was not computed."""
+    order = cfg.eval.get("any_order")
+    if not order:
+        return None
+    return {
+        "order": order,
+        "bound": f"exact any-order AR NLL ({order} order; an upper bound on the denoiser's "
+        "-log p only through the order: it is exact for that order)",
+    }
+
+
 def _describe_split(cfg: DictConfig) -> dict | None:
     """How the evaluation rows were held out (text data; None for grid / set data)."""
     if cfg.data.kind != "text":
@@ -104,16 +124,23 @@ def _rows_in_split(loader) -> int | None:
 
 
 def draw_samples(cfg: DictConfig, module: "Diffusion", predictor: str, fixz: bool, x_init):
-    """num_sample_batches x eval_batch_size samples -> tokens (N, L), mean NFE per sequence."""
+    """num_sample_batches x eval_batch_size samples -> tokens (N, L), mean NFE per sequence.
+
+    sampling.semi_ar: N x (L + (num_strides - 1) * stride_length) tokens, x_init the first
+    window's conditioning, NFE summed over the windows."""
     sp, batch = cfg.sampling, int(cfg.loader.eval_batch_size)
     gen = torch.Generator(device=module.device).manual_seed(int(sp.seed))
     x_init = None if x_init is None else x_init.repeat(batch, 1)  # the same for every row
     tokens, nfe = [], []
     bar = f"sampling T={sp.steps}" if predictors.get_predictor(predictor).uses_steps else "sampling"
+    semi_ar = {}
+    if sp.get("semi_ar", False):
+        semi_ar = {"stride_length": int(sp.stride_length), "num_strides": int(sp.num_strides)}
     for _ in tqdm(range(sp.num_sample_batches), desc=bar, unit="batch", disable=None):
         x, stats = generate(
             module, num_samples=batch, predictor=predictor, steps=sp.steps, fixz=fixz,
             generator=gen, x_init=x_init, top_k=sp.top_k, top_p=sp.top_p, order=sp.order,
+            **semi_ar,
         )  # fmt: skip
         tokens.append(x.cpu())
         nfe.append(stats["nfe_per_sequence"])
@@ -167,11 +194,13 @@ def score_samples(cfg: DictConfig, tokens: torch.Tensor, tokenizer, device) -> d
 
 
 def _sample_tag(cfg: DictConfig, predictor: str, fixz: bool | None, conditioning) -> str:
-    """What tells one sample file from another: predictor, T (or order), fixz, top-p /
-    top-k when on, seed, and a short hash of the conditioning text when there is one."""
+    """What tells one sample file from another: predictor, T (or order), semi-AR windows
+    (`_semiar<stride>x<windows>`), fixz, top-p / top-k when on, seed, and a short hash of
+    the conditioning text when there is one."""
     sp = cfg.sampling
     stepped = predictors.get_predictor(predictor).uses_steps  # any_order: one position a call
     tag = f"{predictor}_T{sp.steps}" if stepped else f"{predictor}_{sp.order}"
+    tag += f"_semiar{sp.stride_length}x{sp.num_strides}" if sp.get("semi_ar", False) else ""
     tag += f"_fixz{fixz}" if fixz is not None else ""
     tag += (f"_p{sp.top_p:g}" if sp.top_p < 1.0 else "") + (f"_k{sp.top_k}" if sp.top_k else "")
     tag += f"_seed{int(sp.seed)}"
@@ -186,6 +215,7 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
     predictor = pred.name
     fixz = True if sp.fixz is None else bool(sp.fixz)
     uses_z = pred.fixz and module.algorithm.uses_latent  # fixz is a property of the samples
+    semi_ar = bool(sp.get("semi_ar", False))
     x_cond, conditioning = conditioning_from_config(cfg, tokenizer, module.vocab.mask_id)
     start = time.time()
     tokens, nfe = draw_samples(cfg, module, predictor, fixz, x_cond)
@@ -193,7 +223,8 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
     texts = tokenizer.batch_decode(tokens.tolist()) if len(tokens) else []
     given = [False] * (tokens.shape[1] if len(tokens) else 0)
     if x_cond is not None and len(tokens):  # the tokens the conditioning fixed
-        given = (x_cond.reshape(-1, tokens.shape[1])[0] != module.vocab.mask_id).tolist()
+        first = (x_cond.reshape(-1, x_cond.shape[-1])[0] != module.vocab.mask_id).tolist()
+        given = first + given[len(first) :]  # semi-AR: the first window's, then none
     readable = [readable_text(row, given, tokenizer) for row in tokens.tolist()]
     conditional = bool(sp.prefix or sp.suffix or sp.template)  # not the set data's BOS frame
     tag = _sample_tag(cfg, predictor, fixz if uses_z else None, conditional and conditioning)
@@ -213,6 +244,10 @@ def run_sample_eval(cfg: DictConfig, module: "Diffusion", tokenizer, ckpt_path: 
         "fixz": fixz if uses_z else None,
         "top_k": sp.top_k,
         "top_p": sp.top_p,
+        "semi_ar": semi_ar,
+        "stride_length": int(sp.stride_length) if semi_ar else None,
+        "num_strides": int(sp.num_strides) if semi_ar else None,
+        "length": int(tokens.shape[1]) if len(tokens) else None,
         "conditioning": conditioning,
         "seed": int(sp.seed),
         "num_samples": len(texts),

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from algorithms import algorithm_class
 from errors import ConfigError
-from sampling import predictors
+from sampling import predictors, samplers
 
 if TYPE_CHECKING:  # a type only: diffusion imports these modules
     from diffusion import Diffusion
@@ -115,19 +115,25 @@ def conditioning_from_config(
     """x_init (L,) from sampling.prefix/suffix/template (None when all unset) and a record
     of the conditioning for results files. BOS always opens it; EOS closes it for wrapped
     data (data.wrap=True), where every training row ends with EOS. Unconditional sampling
-    gets the same frame when sampling.frame=auto (frame_positions)."""
+    gets the same frame when sampling.frame=auto (frame_positions).
+
+    sampling.semi_ar=True: x_init is the FIRST window's (BOS, the prefix) and has no EOS,
+    which would end up inside the longer sequence once the window slides."""
     s, length = cfg.sampling, int(cfg.model.length)
     record = {"prefix": s.prefix, "suffix": s.suffix, "template": s.template,
               "frame": s.frame}  # fmt: skip
+    semi_ar = bool(s.get("semi_ar", False))
     x_init = None
     if s.prefix or s.suffix or s.template:
         x_init = conditioning_from_text(
             tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
-            mask_id=mask_id, eos=bool(cfg.data.wrap),
+            mask_id=mask_id, eos=bool(cfg.data.wrap) and not semi_ar,
         )  # fmt: skip
     elif frame_positions(cfg, tokenizer):
         bos, eos = frame_positions(cfg, tokenizer)
-        x_init = conditioning_from_text(tokenizer, length, mask_id=mask_id, bos=bos, eos=eos)
+        x_init = conditioning_from_text(
+            tokenizer, length, mask_id=mask_id, bos=bos, eos=eos and not semi_ar
+        )
     given = 0 if x_init is None else int((x_init != mask_id).sum())
     return x_init, {**record, "given_positions": given, "free_positions": length - given}
 
@@ -149,13 +155,18 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     order: str = "left_to_right",
+    stride_length: int | None = None,
+    num_strides: int = 1,
 ) -> tuple[torch.Tensor, dict]:
     """Draw `num_samples` sequences; x_init (B, L) may fix tokens (mask id = free).
 
-    predictor: a name in predictors.PREDICTORS (vae, vae_cache, ddpm, ddpm_cache,
-    any_order, ar). `any_order` reveals one position per network call in `order` and
-    ignores `steps`; with a VADD model it samples z as the vae predictors do (fixz).
-    top_k / top_p restrict revealed tokens.
+    predictor: a name in predictors.PREDICTORS (vae, vae_cache, ddpm, ddpm_cache, tweedie,
+    euler, analytic, any_order, ar). `any_order` reveals one position per network call in
+    `order` and ignores `steps`; with a VADD model it samples z as the vae predictors do
+    (fixz). top_k / top_p restrict revealed tokens.
+    stride_length (semi-autoregressive, samplers.sample_semi_ar): num_strides windows of
+    L tokens, x_init the first one's; returns L + (num_strides - 1) * stride_length
+    tokens. Each window is one chain of the predictor: with fixz, one z per window.
     """
     if x_init is not None:
         x_init = x_init.to(module.device)
@@ -172,9 +183,15 @@ def generate(
             if x_init is None:
                 x_init = torch.full((num_samples, length), vocab.mask_id, dtype=torch.long)
                 x_init = x_init.to(device)
-            return pred.run(
-                module, x_init, steps=steps, fixz=bool(fixz) and pred.fixz,
+            run = lambda window: pred.run(
+                module, window, steps=steps, fixz=bool(fixz) and pred.fixz,
                 generator=generator, top_k=top_k, top_p=top_p, order=order,
+            )  # fmt: skip
+            if stride_length is None:
+                return run(x_init)
+            return samplers.sample_semi_ar(
+                run, x_init, stride_length=stride_length, num_strides=num_strides,
+                mask_id=vocab.mask_id,
             )  # fmt: skip
     finally:
         module.train(was_training)

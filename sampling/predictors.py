@@ -94,11 +94,14 @@ def last_logits(module):
 
 
 # ---------------------------------------------------------------- the samplers
-def _masked(cache: bool) -> RunFn:
+def _masked(cache: bool, update: str = "tweedie", final: str = "argmax") -> RunFn:
+    """samplers.sample_masked with a reveal rule and an end of chain (its docstring)."""
+
     def run(module, x_init, *, steps, fixz, generator, top_k, top_p, order=None):
         from sampling import samplers
 
         vocab, cfg = module.vocab, module.cfg
+        log_score = module.algorithm.log_score if update == "analytic" else None
         x, stats = samplers.sample_masked(
             denoiser(module), x_init,
             mask_id=vocab.mask_id, vocab_size=vocab.size, noise=module.spec.noise,
@@ -106,6 +109,7 @@ def _masked(cache: bool) -> RunFn:
             latent=latent_fn(module, generator, x_init.shape[1]), fixz=fixz, cache=cache,
             time_conditioning=cfg.time_conditioning, noise_removal=cfg.sampling.noise_removal,
             top_k=top_k, top_p=top_p, generator=generator,
+            update=update, final=final, log_score=log_score,
         )  # fmt: skip
         return x, stats.as_dict(x.shape[0])
 
@@ -148,6 +152,21 @@ for _name, _cache, _latent in [
             summary=("VADD: z per chain (fixz) or per step" if _latent else "MDLM ancestral")
             + (", skipping rows with nothing to reveal" if _cache else ""),
         )
+    )  # fmt: skip
+# RADD's DiffusionSampler and SEDD's analytic predictor: with a latent (VADD) they draw
+# z as `vae` does (fixz), without one they sample MDLM models; cached (per-row cache).
+# sample_masked(cache=False) is the uncached run, with the same samples for a seed.
+for _name, _update, _final, _summary in [
+    ("tweedie", "tweedie", "sample",
+     "RADD: exact reveal probability, the last step reveals the rest by sampling"),
+    ("euler", "euler", "sample",
+     "RADD: first-order reveal rate dt * w(t), the last step reveals the rest by sampling"),
+    ("analytic", "analytic", "argmax",
+     "SEDD: Tweedie tau-leaping through Algorithm.log_score, then noise removal"),
+]:  # fmt: skip
+    register(
+        Predictor(_name, _masked(True, _update, _final), fixz=True, cached=True,
+                  summary=_summary + ", skipping rows with nothing to reveal")
     )  # fmt: skip
 register(
     Predictor(

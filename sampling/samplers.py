@@ -1,13 +1,17 @@
-"""Samplers: ancestral masked diffusion (MDLM `ddpm`, VADD `vae`), RADD's any-order
-autoregressive sampler (`any_order`) and left-to-right AR decoding.
+"""Samplers: ancestral masked diffusion (MDLM `ddpm`, VADD `vae`, RADD `tweedie` /
+`euler`, SEDD `analytic`), RADD's any-order autoregressive sampler (`any_order`), MDLM's
+semi-autoregressive windows (`sample_semi_ar`) and left-to-right AR decoding.
 
 One reverse step t -> s of absorbing diffusion reveals each still-masked position with
 probability (alpha_s - alpha_t) / (1 - alpha_t) and, if revealed, draws its token from
 p(x0 | xt, z). Whether a position is revealed does not depend on the network, so we
 draw that first and run the output projection on the revealed positions only. The
-`cache` variants (`vae_cache`, `ddpm_cache`) also skip the network for every row with
-nothing to reveal; the random draws are identical either way, so both variants give the
-same samples for the same seed (z drawn for every row at every step in both).
+`cache` variants (`vae_cache`, `ddpm_cache`; `tweedie`, `euler`, `analytic` always) also
+skip the network for every row with nothing to reveal; the random draws are identical
+either way, so both variants give the same samples for the same seed (z drawn for every
+row at every step in both). For a time-independent network that is RADD's per-row cache
+(its logits would only be recomputed for rows that changed); a time-conditioned one is
+still called at each step it is needed, with that step's sigma.
 
 Probabilities and Gumbel noise are float64 (float32 Gumbel-max truncates the tail and
 lowers generative perplexity). Revealed tokens may be restricted to the top-k / nucleus
@@ -15,6 +19,15 @@ lowers generative perplexity). Revealed tokens may be restricted to the top-k / 
 random stream, and hence cache == no cache, intact. Positions that are not [MASK] in
 `x_init` are never changed, which is all conditional sampling (prefix, suffix,
 infilling) needs.
+
+sample_masked's `update` picks the reveal rule: `tweedie` is the exact reveal probability
+above (ddpm, vae and RADD's tweedie), `euler` RADD's first-order rate
+dt * (-alpha'_t) / (1 - alpha_t) (clamped to [0, 1]), and `analytic` SEDD's Tweedie
+tau-leaping through the concrete score, which draws "reveal or stay masked" and the token
+as ONE categorical, so it needs the network at every masked position. Its `final` picks
+the end of the chain: `argmax` adds the greedy noise-removal step at t = eps (MDLM, SEDD),
+`sample` makes the last of the `steps` steps reveal every remaining position by sampling
+(RADD).
 """
 
 import math
@@ -71,16 +84,28 @@ def gumbel_argmax(
     chunk: int = 1024,
     top_k: int = 0,
     top_p: float = 1.0,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample from softmax(filter_logits(logits)) (N, V) by float64 Gumbel-max, chunked
-    over rows so the float64 copy (and the top-p sort) never covers all N rows at once."""
+    over rows so the float64 copy (and the top-p sort) never covers all N rows at once.
+
+    transform: maps each filtered float64 chunk (n, V) to the log-weights (n, V') that are
+    drawn from instead (the analytic step: V real tokens + "stay masked")."""
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for i in range(0, logits.shape[0], chunk):
         block = filter_logits(logits[i : i + chunk].double(), top_k, top_p)
+        if transform is not None:
+            block = transform(block)
         u = torch.rand(block.shape, generator=generator, device=block.device, dtype=torch.float64)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         out[i : i + chunk] = (block + gumbel).argmax(-1)
     return out
+
+
+UPDATES = ("tweedie", "euler", "analytic")
+FINALS = ("argmax", "sample")
+# log_score(logits (N, V) of masked positions, alpha_t) -> (N, V) log concrete score
+LogScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -101,6 +126,9 @@ def sample_masked(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    update: str = "tweedie",
+    final: str = "argmax",
+    log_score: LogScoreFn | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Run `steps` reverse steps on the grid 1 -> eps from x_init (B, L); return tokens, stats.
 
@@ -108,33 +136,96 @@ def sample_masked(
     for the whole chain (consistency sampler); fixz=False redraws it at every step.
     top_k / top_p restrict the revealed tokens (see filter_logits); the final
     noise-removal step is an argmax, which both filters keep.
+    update / final: the reveal rule and the chain's end (module docstring); final="sample"
+    ignores noise_removal: nothing is left for it. log_score (update="analytic" only):
+    the algorithm's concrete score, algorithms.Algorithm.log_score; the filter then
+    applies to the logits the score is formed from (_analytic_pick).
     """
+    if update not in UPDATES or final not in FINALS:
+        raise ValueError(f"update={update!r}, final={final!r}: use one of {UPDATES}, {FINALS}")
+    if update == "analytic" and final == "sample":
+        raise ValueError("update='analytic' ends with final='argmax' (SEDD's denoiser step)")
+    if update == "analytic" and log_score is None:
+        raise ValueError("update='analytic' needs log_score (Algorithm.log_score)")
     x, stats = x_init.clone(), SampleStats(steps)
     B, device = x.shape[0], x.device
     z_fixed = latent(B) if (latent is not None and fixz) else None
     grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64, device=device)
+    dt = (1.0 - eps) / steps
     draw = lambda logits: gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k, top_p=top_p)
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
         masked = x == mask_id
-        u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-        reveal = masked & (u < noise.unmask_prob(t, s))
+        if update == "analytic":  # reveal and token in one draw: every masked position
+            positions = masked
+            pick = _analytic_pick(noise, t, s, vocab_size, mask_id, log_score, generator,
+                                  top_k, top_p)  # fmt: skip
+        else:  # drawn even at a last reveal-all step: the stream stays that of `tweedie`
+            u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+            last = final == "sample" and i == steps - 1
+            positions = masked if last else masked & (u < reveal_prob(noise, update, t, s, dt))
+            pick = draw
         z = z_fixed if (fixz or latent is None) else latent(B)
         sigma = _sigma(noise, t, B, time_conditioning)
-        _predict_into(x, reveal, denoise, z, sigma, cache, stats, draw)
-    if noise_removal and (x == mask_id).any():  # final greedy step at t = eps
+        _predict_into(x, positions, denoise, z, sigma, cache, stats, pick)
+    if final == "argmax" and noise_removal and (x == mask_id).any():  # greedy step at t = eps
         z = z_fixed if (fixz or latent is None) else latent(B)
-        _predict_into(
-            x,
-            x == mask_id,
-            denoise,
-            z,
-            _sigma(noise, grid[-1], B, time_conditioning),
-            True,
-            stats,
-            lambda logits: logits[:, :vocab_size].argmax(-1),
+        a_eps = noise.alpha(grid[-1])
+        greedy = (
+            (lambda logits: log_score(logits[:, :vocab_size], a_eps).argmax(-1))
+            if update == "analytic"  # SEDD's denoiser: the score's argmax (SUBS: the logits')
+            else (lambda logits: logits[:, :vocab_size].argmax(-1))
         )
+        sigma = _sigma(noise, grid[-1], B, time_conditioning)
+        _predict_into(x, x == mask_id, denoise, z, sigma, True, stats, greedy)
     return x, stats
+
+
+def reveal_prob(noise: NoiseSchedule, update: str, t, s, dt: float) -> torch.Tensor:
+    """P(a position masked at t is revealed at s = t - dt): tweedie (alpha_s - alpha_t) /
+    (1 - alpha_t), exact; euler dt * (-alpha'_t) / (1 - alpha_t), clamped to [0, 1]."""
+    if update == "euler":
+        return (dt * noise.loss_weight(t)).clamp(0.0, 1.0)
+    return noise.unmask_prob(t, s)
+
+
+def analytic_step_probs(log_score: torch.Tensor, alpha_t, alpha_s) -> torch.Tensor:
+    """SEDD's Tweedie tau-leaping step t -> s at masked positions: (N, V) log score ->
+    (N, V + 1) probabilities of each real token and (last column) of staying masked.
+
+    weight_y = exp(score_y) (alpha_s / alpha_t - 1); weight_mask = max(0, 1 - (alpha_s /
+    alpha_t - 1) sum_y exp(score_y)) (Absorbing staggered score x transposed transition
+    with dsigma = sigma_t - sigma_s); normalised in float64. For the SUBS score these are
+    p(y | xt) (alpha_s - alpha_t) / (1 - alpha_t) and (1 - alpha_s) / (1 - alpha_t).
+    """
+    f64 = dict(dtype=torch.float64, device=log_score.device)
+    ratio = torch.as_tensor(alpha_s, **f64) / torch.as_tensor(alpha_t, **f64) - 1.0
+    weights = log_score.double().exp() * ratio.reshape(-1, 1)  # alpha: a scalar or (N,)
+    stay = (1.0 - weights.sum(-1, keepdim=True)).clamp_min(0.0)
+    probs = torch.cat([weights, stay], -1)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _analytic_pick(noise, t, s, vocab_size, mask_id, log_score, generator, top_k, top_p):
+    """logits (N, V_out) of masked positions -> a token, or mask_id to stay masked.
+
+    top-k / top-p filter the logits before the score is formed (filtered tokens get
+    weight 0). For the SUBS score, log_softmax renormalises over the kept tokens: the
+    reveal probability is unchanged and a revealed token follows the filtered p(x0 | xt),
+    as in ddpm. For an unnormalised score (SEDD's parameterisation) the filtered tokens'
+    weight goes to "stay masked" instead."""
+    a_t, a_s = noise.alpha(t), noise.alpha(s)
+
+    def pick(logits):
+        def log_probs(block):  # float64 logits (exact copies): a float64 score, so the
+            # stay-masked weight 1 - (a_s / a_t - 1) sum exp(score) keeps its digits late
+            return analytic_step_probs(log_score(block, a_t), a_t, a_s).log()
+
+        idx = gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k, top_p=top_p,
+                            transform=log_probs)  # fmt: skip
+        return idx.masked_fill(idx == vocab_size, mask_id)
+
+    return pick
 
 
 @torch.no_grad()
@@ -211,6 +302,47 @@ def _predict_into(x, positions, denoise, z, sigma, cache, stats, pick):
     stats.network_calls += 1
     stats.row_evals += idx.numel()
     x[positions] = pick(logits)  # row-major order matches out_mask selection
+
+
+# window (B, L) with mask_id at free positions -> (tokens (B, L), stats dict)
+WindowFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+@torch.no_grad()
+def sample_semi_ar(
+    sample_window: WindowFn,
+    x_init: torch.Tensor,
+    *,
+    stride_length: int,
+    num_strides: int,
+    mask_id: int,
+) -> tuple[torch.Tensor, dict]:
+    """MDLM's semi-autoregressive sampler: num_strides windows of L = x_init.shape[1] tokens.
+
+    The first window is x_init (its given tokens, e.g. BOS and a prefix, are kept). After
+    each window its first stride_length tokens are final; the window shifts left by
+    stride_length, the freed tail is [MASK] again, and the L - stride_length kept tokens
+    are the next window's given tokens, so no sampler changes them. Returns (B, L +
+    (num_strides - 1) * stride_length) tokens and the windows' stats summed (steps,
+    network calls and NFE per sequence over all windows) plus `windows`. (MDLM's own loop
+    runs num_strides + 1 windows.)
+    """
+    B, L = x_init.shape
+    if not 1 <= stride_length <= L or num_strides < 1:
+        raise ValueError(f"stride_length={stride_length} must be in [1, {L}], "
+                         f"num_strides={num_strides} >= 1")  # fmt: skip
+    window, pieces, totals = x_init, [], {"windows": num_strides}
+    for k in range(num_strides):
+        x, stats = sample_window(window)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0) + value
+        if k == num_strides - 1:
+            pieces.append(x)
+            break
+        pieces.append(x[:, :stride_length])
+        tail = torch.full((B, stride_length), mask_id, dtype=x.dtype, device=x.device)
+        window = torch.cat([x[:, stride_length:], tail], 1)
+    return torch.cat(pieces, 1), totals
 
 
 @torch.no_grad()
