@@ -278,9 +278,11 @@ def _check_sampling(cfg):
         )
     fixz = cfg.sampling.fixz
     if fixz is not None and not (pred.fixz and algo.uses_latent):
+        drawers = ", ".join(p.name for p in predictors.PREDICTORS.values() if p.fixz)
+        what = f"sampling.predictor={pred.name}" if algo.uses_latent else _algorithm_key(cfg)
         raise ConfigError(
-            f"sampling.fixz={fixz} only applies to the vae samplers (got "
-            f"sampling.predictor={pred.name}): drop sampling.fixz or use sampling.predictor=vae"
+            f"sampling.fixz={fixz} applies to a VADD model under a sampler that draws z "
+            f"({drawers}), not to {what}: drop sampling.fixz"
         )
     if cfg.sampling.get("semi_ar", False):
         _check_semi_ar(cfg, pred, algo)

@@ -421,6 +421,10 @@ CASES = [  # (model, predictor, fixz, order)
     ("mdlm", "ddpm", True, "left_to_right"),
     ("mdlm", "ddpm_cache", True, "left_to_right"),
     ("mdlm", "any_order", True, "random"),
+    ("vae", "tweedie", False, "left_to_right"),  # RADD's and SEDD's samplers (issue 16)
+    ("vae", "analytic", True, "left_to_right"),
+    ("mdlm", "euler", True, "left_to_right"),
+    ("mdlm", "analytic", True, "left_to_right"),
 ]
 
 

@@ -59,6 +59,8 @@ def test_each_new_choice_trains_and_reports_its_own_bound(tmp_path, choice, boun
         (["eval.any_order=sideways"], "eval.any_order='sideways' is not one of"),
         (["eval.any_order=forward"], "which training.loss_type=vae is not"),
         (["training.loss_type=lamda_DCE"], "did you mean training.loss_type=lambda_DCE"),
+        (["mode=sample_eval", "training.loss_type=k_DCE", "sampling.fixz=True"],
+         "applies to a VADD model under a sampler that draws z .*tweedie"),
     ],
 )  # fmt: skip
 def test_a_bad_combination_is_one_line(tmp_path, overrides, message):
@@ -69,14 +71,17 @@ def test_a_bad_combination_is_one_line(tmp_path, overrides, message):
 
 def test_the_new_choices_compose_on_the_command_line(tmp_path):
     args = ["backbone=radd", "model=small_radd", "training.loss_type=k_DCE",
-            "training.decoupled_strata=True", "eval.any_order=random"]  # fmt: skip
+            "training.decoupled_strata=True", "eval.any_order=random",
+            "sampling.predictor=tweedie", "sampling.semi_ar=True", "sampling.stride_length=64",
+            "sampling.num_strides=3"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "main.py", f"hydra.run.dir={tmp_path}", *args, "--cfg", "job"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for line in ("backbone: radd", "name: small_radd", "loss_type: k_DCE", "any_order: random",
-                 "decoupled_strata: true", "hidden_size: 768"):  # fmt: skip
+                 "decoupled_strata: true", "hidden_size: 768", "predictor: tweedie",
+                 "semi_ar: true", "stride_length: 64", "num_strides: 3"):  # fmt: skip
         assert line in proc.stdout, line
 
 
