@@ -68,6 +68,12 @@ class Diffusion(L.LightningModule):
         ones) in the networks, eval mode. Lightning's name; no hyper-parameters needed."""
         ckpt, path = read_checkpoint(str(checkpoint_path)), str(checkpoint_path)
         vadd = ckpt.get("vadd") or {}
+        if "foreign" in ckpt:  # its config holds the architecture only, not a whole run's
+            raise CheckpointError(
+                f"{path} is a RADD / SEDD folder: evaluate it with `python main.py "
+                f"mode=ppl_eval eval.checkpoint_path={path}` (or mode=sample_eval), or start "
+                "a vadd run from its weights with model.init_from=<folder>"
+            )
         if "config" not in vadd:
             raise CheckpointError(
                 f"{path} holds no vadd config (an MDLM checkpoint?): warm-start a vadd run "

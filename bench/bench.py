@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, nargs="+", default=[16, 128, 1024],
                    help="sampling steps T to time, each on a --sample-batch x L batch")  # fmt: skip
     p.add_argument("--sample-batch", type=int, default=16, help="sequences per sampling batch")
+    p.add_argument("--predictors", nargs="*", default=[],
+                   help="further sampling.predictor names to time (e.g. tweedie euler "
+                   "analytic), beside the default cached one; JSON key `samplers`")  # fmt: skip
     p.add_argument("--sample-repeats", type=int, default=None, help="runs per T (CPU 1, CUDA 3)")
     p.add_argument(
         "--peak-tflops",
@@ -233,11 +236,12 @@ def bench_ppl_eval(cfg, module, trainer, timer, args, flops: int, peak_tflops: f
     }
 
 
-def bench_sampling(cfg, module: Diffusion, args) -> dict:
+def bench_sampling(cfg, module: Diffusion, args, predictor: str | None = None) -> dict:
     """Seconds per batch at each T; the generator is reseeded per run so runs are identical."""
     device = torch.device(args.device)
     module.to(device)  # Lightning moves the module back to the CPU when fit/validate end
-    predictor = "vae_cache" if module.algorithm.uses_latent else "ddpm_cache"
+    default = "vae_cache" if module.algorithm.uses_latent else "ddpm_cache"
+    predictor = predictor or default
     gen = torch.Generator(device=device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -339,6 +343,8 @@ def bench_loss_type(args, loss_type: str, tokenizer_cache: dict, peak_tflops: fl
             ),
             "sampling": bench_sampling(cfg, module, args),
         }
+        if args.predictors:
+            report["samplers"] = {p: bench_sampling(cfg, module, args, p) for p in args.predictors}
         report["anchor"] = compare_with_anchor(report, loss_type, args.device)
         if report["anchor"]["comparable"]:
             report["anchor"]["same_device_kind"] = "H100" in torch.cuda.get_device_name(0)

@@ -33,7 +33,9 @@ def read_checkpoint(path: str, key: str = "eval.checkpoint_path") -> dict:
     if not fs.exists(p):
         raise missing_path(key, path, CheckpointError)
     if fs.isdir(p):
-        return read_export(path)
+        from checkpointing import foreign
+
+        return foreign.as_checkpoint(p) if foreign.is_foreign(p) else read_export(path)
     try:
         with fs.open(p, "rb") as f:
             ckpt = torch.load(f, map_location="cpu", weights_only=False)
@@ -108,6 +110,10 @@ def _structure_fix(saved: dict | None, cfg) -> str:
 
 def load_for_eval(module, ckpt: dict, path: str) -> None:
     """Load the weights (and EMA) of a checkpoint read by `read_checkpoint` into `module`."""
+    if "foreign" in ckpt:  # a RADD / SEDD folder: padded to this module's tables
+        from checkpointing import foreign
+
+        ckpt = foreign.for_eval(module, ckpt, path)
     saved_vocab = ckpt.get("vadd", {}).get("vocab")
     if saved_vocab and saved_vocab["size"] != module.vocab.size:
         raise CheckpointError(

@@ -5,7 +5,8 @@ Weights come from
   `encoder.`) prefixes, and an `ema` entry whose `shadow_params` list follows the order of
   the parameters in `state_dict` (then the noise schedule's, none for loglinear);
 - a folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`): MDLM's
-  Hugging Face export, or one written by `scripts/export.py` (`format: vadd`).
+  Hugging Face export, or one written by `scripts/export.py` (`format: vadd`);
+- a RADD or SEDD hub folder or run dir (checkpointing/foreign.py).
 
 Names are MDLM's (models/dit.py keeps them), so the mapping is one to one. The only
 reshaping is the vocabulary: the embedding table and the output projection may carry
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import utils
-from checkpointing import hf_export
+from checkpointing import foreign, hf_export
 from checkpointing.checkpoints import read_checkpoint
 from checkpointing.folders import FORMAT_VERSION, read_folder_weights, read_json
 from data.tokenization import GRID_KEY
@@ -42,6 +43,7 @@ class Source:
     weights: str  # "EMA" or "raw": what `tensors` are
     model_size: int | None  # real vocabulary + [MASK] of the source, when it says
     config: dict | None  # the vadd config of the source, when it is ours
+    kind: str | None = None  # "radd" / "sedd": a RADD or SEDD folder (checkpointing/foreign.py)
 
 
 # ---------------------------------------------------------------- reading weights
@@ -50,6 +52,9 @@ def read_source(path: str, use_ema: bool) -> Source:
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
         raise missing_path("model.init_from", path, CheckpointError)
+    if fs.isdir(p) and foreign.is_foreign(p):  # RADD's / SEDD's hub folder or run dir
+        theirs, tensors, weights = foreign.warm_start_weights(p, use_ema)
+        return Source(tensors, weights, theirs.tokens + 1, theirs.config, theirs.kind)
     if fs.isdir(p):
         return _read_folder_source(path)
     ckpt = read_checkpoint(path, key="model.init_from")
@@ -115,6 +120,8 @@ def warm_start(module, path: str, use_ema: bool) -> int:
     GenDIT equals the loaded MDLM for every z. The EMA restarts from the loaded weights.
     """
     source = read_source(path, use_ema)
+    if source.kind:
+        foreign.check_warm_start(module.cfg, source.kind, path)
     _check_time_conditioning(module.cfg, source.config, path)
     own = dict(module.named_parameters())
     own = {k.replace("_orig_mod.", ""): v for k, v in own.items()}
@@ -229,7 +236,7 @@ def export_folder(ckpt_path: str, out: str, raw: bool = False) -> dict:
 
     ckpt = read_checkpoint(ckpt_path)
     vadd = ckpt.get("vadd")
-    if not vadd:
+    if not vadd or "foreign" in ckpt:  # a RADD / SEDD folder is read where it is
         raise CheckpointError(f"{ckpt_path} is not a vadd checkpoint (no 'vadd' entry)")
     state = _network_tensors(ckpt["state_dict"])
     weights = "raw"
