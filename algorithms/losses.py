@@ -82,8 +82,8 @@ def mask_exactly_k(u: torch.Tensor, k: torch.Tensor, key_mask=None) -> torch.Ten
     uniformly random subset: the k real positions with the smallest uniforms u (B, L)."""
     if key_mask is not None:
         u = u.masked_fill(~key_mask, 2.0)  # padding sorts last: never chosen
-    kth = u.sort(dim=1).values.gather(1, (k - 1).clamp_min(0)[:, None])  # (B, 1)
-    return u <= kth
+    rank = u.argsort(dim=1).argsort(dim=1)  # ranks, not values: a tie masks no k+1-th
+    return rank < k[:, None]
 
 
 def score_entropy(

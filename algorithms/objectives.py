@@ -168,7 +168,7 @@ def k_dce_loss(backbone, x0, key_mask, u_k, spec: DiffusionSpec, draws=None) -> 
     expectation is the NLL of an any-order AR model averaged over random orders.
     u_k (B,) in [0, 1) picks k = floor(u_k n) + 1 (stratified like t)."""
     n = x0.new_full((x0.shape[0],), x0.shape[1]) if key_mask is None else key_mask.sum(1)
-    k = torch.minimum((u_k * n).floor().long() + 1, n)
+    k = torch.minimum((u_k * n).floor().long() + 1, n).clamp_min(1)  # n = 0: weight 0
     masked = losses.mask_exactly_k(_uniforms(x0, draws), k, key_mask)
     return _dce(backbone, x0, key_mask, masked, n / k, spec)
 

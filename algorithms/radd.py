@@ -41,7 +41,7 @@ class _TimeFree(MDLM):
 class LambdaDCE(_TimeFree):
     """lambda-DCE: masking ratio lambda ~ U[eps, 1] (stratified), weight 1 / lambda."""
 
-    name, aliases = "lambda_dce", ("lambda_DCE",)
+    name, aliases, label = "lambda_dce", ("lambda_DCE",), "lambda-DCE denoiser (RADD's loss)"
 
     def loss(self, module, batch, t, beta=1.0, num_particles=1, draws=None, train=False):
         from algorithms import objectives
@@ -57,7 +57,7 @@ class LambdaDCE(_TimeFree):
 class KDCE(_TimeFree):
     """k-DCE: k ~ U{1..n} positions masked (stratified), weight n / k."""
 
-    name, aliases = "k_dce", ("k_DCE",)
+    name, aliases, label = "k_dce", ("k_DCE",), "k-DCE denoiser (RADD's any-order loss)"
 
     def t_eps(self) -> float:
         return 0.0  # t is the uniform that picks k: all of [0, 1)
@@ -96,7 +96,7 @@ class _ScoreEntropy(MDLM):
 class TDSE(_ScoreEntropy):
     """RADD's t-DSE: the score entropy of the normalised conditional's score."""
 
-    name, aliases = "t_dse", ("t_DSE",)
+    name, aliases, label = "t_dse", ("t_DSE",), "t-DSE denoiser (RADD's score entropy)"
 
     def bound_name(self, num_particles):
         return "t-DSE bound (RADD's score entropy of the conditional; equals t-DCE)"

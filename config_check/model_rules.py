@@ -21,6 +21,16 @@ def _check_backbone(cfg):
             "backbone=radd is RADD's time-independent network, it has no time input: set "
             "time_conditioning=False, or backbone=dit to condition on time"
         )
+    if cfg.backbone == "radd" and cfg.model.type == "toy_mlp":
+        raise ConfigError(
+            "backbone=radd with model=toy_mlp: the toy data's MLP networks are their own "
+            "backbone; drop backbone=radd (or use a DiT-sized model, e.g. model=cpu)"
+        )
+    if cfg.training.get("decoupled_strata") and not cfg.training.antithetic_sampling:
+        raise ConfigError(
+            "training.decoupled_strata=True jitters the strata of antithetic_sampling, "
+            "which is off: set training.antithetic_sampling=True or drop decoupled_strata"
+        )
     if str(cfg.model.get("name", "")).endswith("_radd") and cfg.backbone != "radd":
         raise ConfigError(
             f"model={cfg.model.name} gives RADD's sizes for its time-free network, but "

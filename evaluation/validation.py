@@ -23,7 +23,8 @@ def evaluate_batch(module, batch: dict, batch_idx: int) -> None:
     """Add this batch's sums to module._val_sums (through module._accumulate)."""
     x0 = batch["input_ids"]
     n = len(x0)
-    per_call = max(1, EVAL_TOKENS_PER_CALL // max(x0.numel(), 1))
+    rows_per_draw = x0.numel() * module.eval_particles  # VADD repeats rows K times
+    per_call = max(1, EVAL_TOKENS_PER_CALL // max(rows_per_draw, 1))
     for first in range(0, module.eval_draws, per_call):
         draws = list(range(first, min(first + per_call, module.eval_draws)))
         out = _draws_at_once(module, batch, batch_idx, draws)
@@ -38,14 +39,21 @@ def evaluate_batch(module, batch: dict, batch_idx: int) -> None:
 
 def _draws_at_once(module, batch: dict, batch_idx: int, draws: list[int]):
     """len(draws) draws of (t, masks, z) for the batch in one loss call; sums per draw."""
-    g, n = len(draws), len(batch["input_ids"])
+    x0 = batch["input_ids"]
+    g, n = len(draws), len(x0)
     big = {k: _repeat(v, g) for k, v in batch.items()}
     seeds = [draw_seed(module.cfg.seed, batch_idx, d) for d in draws]
     t = torch.cat([module.draw_t(n, s, accumulate=1) for s in seeds])
-    out = module.compute_loss(big, t, beta=1.0, num_particles=module.eval_particles)
+    # each draw's masks drawn on their own, in draw order: the numbers of one draw a call
+    # on every device (one (g n, L) draw would split a CUDA Philox stream differently)
+    mask_u = torch.cat([torch.rand(x0.shape, device=x0.device) for _ in draws])
+    out = module.compute_loss(big, t, 1.0, module.eval_particles, objectives.Draws(mask_u))
     per_draw = lambda value: value.reshape(g, n, *value.shape[1:]).flatten(1).sum(1)  # (g,)
     sums = {"nll": per_draw(out.per_seq)}
     sums.update({name: per_draw(value) for name, value in out.stats.items()})
+    if "mu_std" in sums:  # the spread of mu over the rows of each draw, not over all g n
+        mu = out.latent.mu.reshape(g, n, -1)
+        sums["mu_std"] = mu.std(1, correction=0).mean(-1) * n  # summed like a per-row stat
     extras = module.algorithm.validation_extras(module, big, t)  # name -> (g n,)
     sums.update({name: per_draw(value) for name, value in extras.items()})
     for name, values in sums.items():

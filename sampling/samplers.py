@@ -27,7 +27,8 @@ tau-leaping through the concrete score, which draws "reveal or stay masked" and 
 as ONE categorical, so it needs the network at every masked position. Its `final` picks
 the end of the chain: `argmax` adds the greedy noise-removal step at t = eps (MDLM, SEDD),
 `sample` makes the last of the `steps` steps reveal every remaining position by sampling
-(RADD).
+(RADD). For `analytic` that last step at t = eps is SEDD's denoiser: a draw from the
+score, not an argmax.
 """
 
 import math
@@ -168,16 +169,17 @@ def sample_masked(
         z = z_fixed if (fixz or latent is None) else latent(B)
         sigma = _sigma(noise, t, B, time_conditioning)
         _predict_into(x, positions, denoise, z, sigma, cache, stats, pick)
-    if final == "argmax" and noise_removal and (x == mask_id).any():  # greedy step at t = eps
+    if final == "argmax" and noise_removal and (x == mask_id).any():  # last step at t = eps
         z = z_fixed if (fixz or latent is None) else latent(B)
         a_eps = noise.alpha(grid[-1])
-        greedy = (
-            (lambda logits: log_score(logits[:, :vocab_size], a_eps).argmax(-1))
-            if update == "analytic"  # SEDD's denoiser: the score's argmax (SUBS: the logits')
-            else (lambda logits: logits[:, :vocab_size].argmax(-1))
-        )
+        if update == "analytic":  # SEDD's denoiser: a draw from the score (SUBS: p(x0 | xt))
+            score = lambda block: log_score(block, a_eps)
+            last = lambda logits: gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k,
+                                                top_p=top_p, transform=score)  # fmt: skip
+        else:  # MDLM's noise removal: greedy
+            last = lambda logits: logits[:, :vocab_size].argmax(-1)
         sigma = _sigma(noise, grid[-1], B, time_conditioning)
-        _predict_into(x, x == mask_id, denoise, z, sigma, True, stats, greedy)
+        _predict_into(x, x == mask_id, denoise, z, sigma, True, stats, last)
     return x, stats
 
 

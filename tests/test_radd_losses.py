@@ -259,3 +259,42 @@ def test_decoupled_strata_hold_one_independent_draw_each():
     assert torch.floor(t * 12).long().tolist() == list(range(12))
     gaps = (t * 12 - torch.arange(12)).tolist()  # the offsets inside the strata differ
     assert len({round(v, 4) for v in gaps}) == 12
+
+
+def test_k_dce_of_a_row_without_real_tokens_costs_nothing_and_ties_mask_exactly_k():
+    x0 = torch.tensor([[1, 2, 0], [0, 0, 0]])
+    key_mask = torch.tensor([[True, True, True], [False, False, False]])
+    out = objectives.k_dce_loss(Uniform(), x0, key_mask, torch.tensor([0.5, 0.5]), spec_for())
+    assert torch.isfinite(out.per_seq).all() and out.per_seq[1] == 0
+    u = torch.tensor([[0.3, 0.3, 0.3, 0.9]])  # a tie at the k-th value
+    assert int(losses.mask_exactly_k(u, torch.tensor([2])).sum()) == 2
+
+
+def test_batched_draws_keep_each_draws_own_spread_of_mu():
+    """mu_std of a draw is the spread of the encoder mean over that draw's rows, whatever
+    the number of draws stacked in one call."""
+    from types import SimpleNamespace
+
+    from evaluation import validation
+
+    g, n, d = 3, 4, 2
+    sums = {}
+    mu = torch.arange(g * n * d, dtype=torch.float32).reshape(g * n, d) ** 1.5  # per draw
+
+    def compute_loss(batch, t, beta, particles, draws):
+        stats = {"mu_std": mu.flatten(1).std(0, correction=0).mean().expand(g * n)}
+        latent = objectives.Latent(mu, torch.zeros_like(mu), t, None)
+        return objectives.LossOutput(torch.zeros(g * n), torch.tensor(g * n * 5), stats, latent)
+
+    module = SimpleNamespace(
+        cfg=SimpleNamespace(seed=1), eval_particles=1, compute_loss=compute_loss,
+        draw_t=lambda n, seed, accumulate: torch.rand(n),
+        algorithm=SimpleNamespace(validation_extras=lambda *a: {}),
+        _accumulate=lambda k, v: sums.__setitem__(k, sums.get(k, 0.0) + float(v)),
+        _latent_stats=SimpleNamespace(add=lambda *a: None),
+    )  # fmt: skip
+    validation._draws_at_once(module, {"input_ids": torch.zeros(n, 5, dtype=torch.long)}, 0,
+                              list(range(g)))  # fmt: skip
+    for draw in range(g):
+        own = mu[draw * n : (draw + 1) * n].std(0, correction=0).mean().item()
+        assert sums[f"mu_std_{draw}"] / n == pytest.approx(own, rel=1e-5)

@@ -435,3 +435,20 @@ def test_config_check_refuses_semi_ar_on_data_it_cannot_score(tmp_path):
 )  # fmt: skip
 def test_config_check_accepts_the_new_samplers(sample_eval_cfg, values):
     validate_config(with_values(sample_eval_cfg, values))
+
+
+def test_the_analytic_chain_ends_with_a_draw_from_the_score_not_its_argmax():
+    """SEDD's Denoiser samples the last step from the score (its argmax is commented out
+    in SEDD's sampling.py); MDLM's noise removal (ddpm) takes the argmax."""
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04], dtype=torch.float64)
+
+    def fixed(xt, sigma, z, out_mask):  # p(x0 | xt) = probs at every position
+        return probs.log().float().expand(int(out_mask.sum()), V).clone()
+
+    x_init = all_mask(4000, 2)
+    # one step from t = 1 to s = 0.9999 reveals about 1e-4: the last step draws the rest
+    x, _ = run(fixed, x_init, "analytic", steps=1, eps=0.9999)
+    freq = torch.bincount(x.flatten(), minlength=V).double() / x.numel()
+    assert (freq - probs).abs().max() < 4 * math.sqrt(0.25 / x.numel())
+    greedy, _ = run(fixed, x_init, "ddpm", steps=1, eps=0.9999)
+    assert (greedy == 0).float().mean() > 0.99
