@@ -7,7 +7,8 @@ default) for the same number of steps, then evaluates it with `mode=ppl_eval`: i
 bound (named as ppl_eval.json names it, over `--ppl-times` Monte-Carlo draws) and, for
 models without a latent, the exact any-order AR NLL in the forward order
 (`eval.any_order=forward`), a number every such model has. Writes <out>/loss_table.json
-and prints a markdown table. Extra arguments after `--` go to every command.
+and prints a markdown table. Extra arguments after `--` go to every command. A rerun into
+the same --out reuses each trained checkpoint (--force retrains).
 """
 
 import argparse
@@ -44,11 +45,18 @@ def one_run(name: str, args: list[str], opts, extra: list[str]) -> dict:
     folder = opts.out / name.split(" (")[0].replace(" ", "_").replace("=", "")
     folder.mkdir(parents=True, exist_ok=True)
     common = [f"seed={opts.seed}", *args, *extra]
-    train_s = run([sys.executable, "main.py", f"hydra.run.dir={folder}", *common,
-                   f"trainer.max_steps={opts.steps}", "sampling.num_sample_batches=0"],
-                  folder / "train.log")  # fmt: skip
     ckpt = folder / "checkpoints" / "last.ckpt"
-    order = [] if "loss_type=vae" in args else ["eval.any_order=forward"]
+    summary = folder / "train_summary.json"
+    if summary.exists() and ckpt.exists() and not opts.force:  # a rerun reuses the training
+        train_s = json.loads(summary.read_text()).get("wall_seconds", float("nan"))
+    else:
+        train_s = run(
+            [sys.executable, "main.py", f"hydra.run.dir={folder}", *common,
+             f"trainer.max_steps={opts.steps}", "sampling.num_sample_batches=0"],
+            folder / "train.log",
+        )  # fmt: skip
+    latent = any(a.endswith("loss_type=vae") for a in args)
+    order = [] if latent else ["eval.any_order=forward"]
     eval_s = run([sys.executable, "main.py", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}",
                   f"hydra.run.dir={folder / 'eval'}", f"+eval.ppl_times={opts.ppl_times}",
                   f"eval.limit_batches={opts.eval_batches}", *order, *common],
@@ -99,6 +107,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="run names (substrings) to run")
+    parser.add_argument("--force", action="store_true", help="retrain runs trained already")
     opts = parser.parse_args(argv)
     runs = {k: v for k, v in RUNS.items() if not opts.only or any(s in k for s in opts.only)}
     rows = []
