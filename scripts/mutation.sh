@@ -21,8 +21,8 @@ declare -A TESTS=(
   [algorithms/objectives.py]="tests/test_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
   [sampling/samplers.py]="tests/test_samplers.py tests/test_conditional.py"
-  [data/order.py]="tests/test_resume.py tests/test_distributed.py tests/test_resume_accumulation.py"
-  [checkpointing/resume_state.py]="tests/test_resume_accumulation.py"
+  [data/order.py]="tests/test_order_and_resume_state.py tests/test_resume.py tests/test_distributed.py tests/test_resume_accumulation.py"
+  [checkpointing/resume_state.py]="tests/test_order_and_resume_state.py tests/test_resume_accumulation.py"
 )
 SELECTED=("$@")
 if [ ${#SELECTED[@]} -eq 0 ]; then
@@ -35,6 +35,17 @@ WORK=$OUT/work
 mkdir -p "$WORK"
 git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$WORK"  # tracked files only
 ln -sfn "$ROOT/.venv" "$WORK/.venv"
+# mutmut's fork server installs a SIGTERM handler (kill the other workers, exit 0) that
+# every test process inherits; Lightning chains to it, so a test that sends itself a stop
+# signal (tests/test_resume_accumulation.py) ended pytest with exit 0: a false "survived".
+cat > "$WORK/mutmut_signals.py" <<'PLUGIN'
+import signal
+
+
+def pytest_configure(config):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+PLUGIN
 list() { printf '"%s", ' "$@" | sed 's/, $//'; }
 cat >> "$WORK/pyproject.toml" <<EOF
 
@@ -42,7 +53,7 @@ cat >> "$WORK/pyproject.toml" <<EOF
 source_paths = ["."]
 only_mutate = ["$MODULE"]
 pytest_add_cli_args_test_selection = [$(list "${SELECTED[@]}")]
-pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-x"]
+pytest_add_cli_args = ["-p", "mutmut_signals", "-q", "-p", "no:cacheprovider", "-x"]
 process_isolation = "forkserver"  # torch's thread pools do not survive a plain fork
 EOF
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
