@@ -163,7 +163,7 @@ RESUME_STRUCTURE = (
     "model.length", "model.latent_dim", "model.latent1d", "model.latentMLP",
     "model.latent_struc", "decoder.hidden_size", "decoder.cond_dim", "decoder.n_heads",
     "decoder.n_blocks", "decoder.mask_struc", "decoder.fade_to_prior", "data.name",
-    "data.tokenizer_name_or_path",
+    "data.tokenizer_name_or_path", "seed",  # seed: the order rows are read in
 )  # fmt: skip
 
 

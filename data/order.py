@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 import utils
+from errors import CheckpointError
 
 
 class ResumableSampler(Sampler[int]):
@@ -55,7 +56,34 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
 
     def state_dict(self, consumed: int) -> dict:
-        return {"epoch": self.epoch, "start": consumed, "seed": self.seed}
+        """consumed: rows of this rank's shard read in `epoch`. The layout they were read
+        in (processes x rows per micro-batch) is saved with them."""
+        _, world = utils.rank_world()
+        return {"epoch": self.epoch, "start": consumed, "seed": self.seed, "world": world,
+                "batch_size": self.batch_size}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.start = int(state["epoch"]), int(state["start"])
+        """Continue where `state` stopped. Another seed is another row order: refused.
+        Another layout (processes, rows per micro-batch) reads on from the same global
+        row: the ranks had read the first start x world rows of the epoch's order; refused
+        when that is not a whole number of the new layout's blocks."""
+        seed = int(state.get("seed", self.seed))
+        if seed != self.seed:
+            raise CheckpointError(
+                f"the checkpoint's rows were drawn in the order of seed={seed}, this run's "
+                f"seed is {self.seed}: resume with seed={seed}, or start a new run folder"
+            )
+        self.epoch, start = int(state["epoch"]), int(state["start"])
+        _, world = utils.rank_world()
+        then = int(state.get("world", world)), int(state.get("batch_size", self.batch_size))
+        if self.drop_last and then != (world, self.batch_size):
+            rows, block = start * then[0], world * self.batch_size
+            if start % then[1] or rows % block:
+                raise CheckpointError(
+                    f"the checkpoint read {rows} rows of epoch {self.epoch} as {then[0]} "
+                    f"process(es) x {then[1]} rows, not a whole number of this run's steps "
+                    f"of {world} x {self.batch_size}: resume with the checkpoint's devices "
+                    "and loader.batch_size, or a layout whose rows per micro-step divide it"
+                )
+            start = rows // world
+        self.start = start

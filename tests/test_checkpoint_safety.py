@@ -154,6 +154,23 @@ def test_a_refused_resume_writes_nothing(trained, tmp_path, change, named):
     assert {p.name: digest(p) for p in ckpts.iterdir()} == before
 
 
+def test_a_resume_with_another_seed_is_refused_naming_both(trained):
+    """Another seed reads the epoch's rows in another order: the resume could not be
+    exact (rows read twice, others skipped), so it is refused before anything is written."""
+    from omegaconf import OmegaConf
+
+    from checkpointing.checkpoints import CheckpointError, check_resume
+
+    cfg = OmegaConf.load(trained / "config.yaml")
+    last = trained / "checkpoints" / "last.ckpt"
+    vocab = torch.load(last, map_location="cpu", weights_only=False)["vadd"]["vocab"]["size"]
+    check_resume(cfg, vocab, str(last))  # the same config resumes
+    cfg.seed = int(cfg.seed) + 1
+    with pytest.raises(CheckpointError, match=rf"seed={cfg.seed - 1} in the checkpoint, "
+                       rf"{cfg.seed} now"):  # fmt: skip
+        check_resume(cfg, vocab, str(last))
+
+
 def test_an_explicit_resume_path_that_does_not_exist_is_an_error(tmp_path):
     proc = run(tmp_path / "run", f"checkpointing.resume_ckpt_path={tmp_path}/typo.ckpt")
     assert proc.returncode == 2 and "typo.ckpt does not exist" in proc.stderr

@@ -231,10 +231,11 @@ def test_the_position_counts_rows_of_this_ranks_shard(monkeypatch):
 
 def test_state_dict_holds_epoch_consumed_rows_and_seed():
     s = sampler(20, seed=13)
-    assert s.state_dict(consumed=0) == {"epoch": 0, "start": 0, "seed": 13}
+    layout = {"world": 1, "batch_size": 1}  # processes x rows per micro-batch
+    assert s.state_dict(consumed=0) == {"epoch": 0, "start": 0, "seed": 13, **layout}
     s.set_epoch(5)
     s.start = 2  # not what is saved: the caller says how many rows its steps consumed
-    assert s.state_dict(consumed=8) == {"epoch": 5, "start": 8, "seed": 13}
+    assert s.state_dict(consumed=8) == {"epoch": 5, "start": 8, "seed": 13, **layout}
 
 
 def test_state_round_trip_resumes_the_interrupted_pass():
@@ -255,15 +256,57 @@ def test_load_state_dict_converts_to_plain_ints(kind):
     s.load_state_dict({"epoch": kind(3), "start": kind(5), "seed": 1})
     assert type(s.epoch) is int and type(s.start) is int
     assert (s.epoch, s.start) == (3, 5)
-    assert s.state_dict(consumed=5) == {"epoch": 3, "start": 5, "seed": 1}
+    assert s.state_dict(consumed=5) == {"epoch": 3, "start": 5, "seed": 1, "world": 1,
+                                        "batch_size": 1}  # fmt: skip
     assert list(s) == permutation(20, 1, 3)[5:]
 
 
-def test_load_state_dict_keeps_the_samplers_own_seed():
+def test_load_state_dict_refuses_another_seed_whose_order_it_cannot_continue():
     s = sampler(20, seed=1)
-    s.load_state_dict({"epoch": 0, "start": 0, "seed": 99})
-    assert s.seed == 1
-    assert list(s) == permutation(20, 1, 0)
+    with pytest.raises(CheckpointError, match=r"order of seed=99, this run's seed is 1") as err:
+        s.load_state_dict({"epoch": 0, "start": 4, "seed": 99})
+    assert "\n" not in str(err.value) and (s.seed, s.start) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "then,now", [((1, 4), (2, 2)), ((2, 2), (1, 4)), ((2, 4), (4, 2)), ((4, 1), (2, 1))]
+)  # (processes, rows per micro-batch) of the checkpoint, and of the resume
+def test_a_resume_on_another_layout_reads_on_from_the_same_global_row(then, now, monkeypatch):
+    """The epoch's order is cut into blocks of world x batch rows, rank r taking the r-th
+    batch of each: after k steps every layout has read the same first rows of the order,
+    so the rows left are the same, however they are spread over the ranks."""
+    order, consumed_steps = permutation(48, 5, 1), 3
+    read = consumed_steps * then[0] * then[1]  # global rows read before the save
+    as_rank(monkeypatch, 0, then[0])
+    saver = sampler(48, seed=5, batch_size=then[1])
+    saver.set_epoch(1)
+    state = saver.state_dict(consumed=consumed_steps * then[1])
+    rest = []
+    for rank in range(now[0]):
+        as_rank(monkeypatch, rank, now[0])
+        s = sampler(48, seed=5, batch_size=now[1])
+        s.load_state_dict(state)
+        rest.append(list(s))
+    assert sorted(sum(rest, [])) == sorted(order[read:])  # nothing read twice or skipped
+    steps = [rest[r][i : i + now[1]] for i in range(0, len(rest[0]), now[1]) for r in
+             range(now[0])]  # fmt: skip
+    assert sum(steps, []) == order[read:]  # and in the order of the global batches
+
+
+def test_a_resume_whose_layout_cannot_continue_the_epoch_is_refused(monkeypatch):
+    as_rank(monkeypatch, 0, 1)
+    state = sampler(48, seed=5, batch_size=6).state_dict(consumed=6)  # 6 rows read
+    as_rank(monkeypatch, 0, 2)
+    with pytest.raises(CheckpointError, match=r"read 6 rows of epoch 0 as 1 process\(es\) "
+                       r"x 6 rows, not a whole number of this run's steps of 2 x 2"):  # fmt: skip
+        sampler(48, seed=5, batch_size=2).load_state_dict(state)
+
+
+def test_an_old_state_without_a_layout_reads_as_this_runs(monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    s = sampler(48, seed=5, batch_size=2)
+    s.load_state_dict({"epoch": 0, "start": 4, "seed": 5})
+    assert s.start == 4
 
 
 def test_set_epoch_sets_the_epoch_and_keeps_a_loaded_position():
@@ -353,7 +396,8 @@ def test_capture_between_steps_records_the_samplers_position():
     s = sampler(20, seed=4)
     s.set_epoch(3)
     state = resume_state.capture(RNG, s, 12, 0, 4)
-    assert state == {"rng": RNG, "data": {"epoch": 3, "start": 12, "seed": 4}}
+    data = {"epoch": 3, "start": 12, "seed": 4, "world": 1, "batch_size": 1}
+    assert state == {"rng": RNG, "data": data}
     assert state["rng"] is RNG
 
 

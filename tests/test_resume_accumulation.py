@@ -175,7 +175,13 @@ def test_sigusr1_finishes_the_step_saves_last_ckpt_and_exits_cleanly(tmp_path):
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["ema"]["num_updates"] == 4
     epoch, start = divmod(4 * ACCUMULATE, EPOCH)  # 16 rows read: the next window's first
-    assert ckpt["resume"]["data"] == {"epoch": epoch, "start": start, "seed": 1}
+    assert ckpt["resume"]["data"] == {
+        "epoch": epoch,
+        "start": start,
+        "seed": 1,
+        "world": 1,
+        "batch_size": ckpt["resume"]["data"]["batch_size"],
+    }
     assert ckpt["resume"]["rng"]
 
 
