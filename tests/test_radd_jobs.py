@@ -89,9 +89,10 @@ def test_the_new_choices_compose_on_the_command_line(tmp_path):
 
 
 def test_batched_ppl_times_draws_are_the_draws_one_at_a_time(tmp_path, monkeypatch):
-    """eval.ppl_times draws go through the network several at a time (RADD evaluates
-    with 1024): each draw keeps its own t, masks and sums, so the per-draw NLLs are
-    those of one draw per call, for a model without a latent."""
+    """eval.ppl_times draws go through the network several at a time on an accelerator
+    (RADD evaluates with 1024; on CPU one a call is faster): each draw keeps its own t,
+    masks and sums, so the per-draw NLLs are those of one draw per call, for a model
+    without a latent. Batching is forced on here, on the CPU."""
     from evaluation import validation
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
@@ -101,8 +102,8 @@ def test_batched_ppl_times_draws_are_the_draws_one_at_a_time(tmp_path, monkeypat
     results = []
     with one_thread():
         run_job(tmp_path, *args, "trainer.max_steps=2")
-        for tokens_per_call in (1, 1 << 16):  # one draw a call; all five in one call
-            monkeypatch.setattr(validation, "EVAL_TOKENS_PER_CALL", tokens_per_call)
+        for tokens_per_call in (0, 1 << 16):  # one draw a call; all five in one call
+            monkeypatch.setitem(validation.EVAL_TOKENS_PER_CALL, "cpu", tokens_per_call)
             run_job(tmp_path, *evaluate)
             results.append(json.loads((tmp_path / "ppl_eval.json").read_text()))
     one, batched = results
