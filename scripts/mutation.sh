@@ -18,9 +18,10 @@ MODULE=${2:?usage: mutation.sh OUT MODULE [TEST ...]}
 shift 2
 declare -A TESTS=(
   [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py"
-  [algorithms/objectives.py]="tests/test_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
+  [algorithms/objectives.py]="tests/test_losses.py tests/test_radd_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
-  [sampling/samplers.py]="tests/test_samplers.py tests/test_conditional.py"
+  [sampling/samplers.py]="tests/test_samplers.py tests/test_samplers_radd.py tests/test_conditional.py"
+  [algorithms/radd.py]="tests/test_radd_losses.py tests/test_radd_jobs.py"
   [data/order.py]="tests/test_order_and_resume_state.py tests/test_resume.py tests/test_distributed.py tests/test_resume_accumulation.py"
   [checkpointing/resume_state.py]="tests/test_order_and_resume_state.py tests/test_resume_accumulation.py"
 )
