@@ -476,7 +476,7 @@ def test_infilling_never_changes_given_tokens(
         ),
         (
             ["training.loss_type=mdlm", "sampling.predictor=any_order", "sampling.fixz=True"],
-            "sampling.fixz=True only applies",
+            "sampling.fixz=True applies to a VADD model under a sampler that draws z",
         ),
     ],
 )
