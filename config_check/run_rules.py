@@ -280,9 +280,10 @@ def _check_sampling(cfg):
     if fixz is not None and not (pred.fixz and algo.uses_latent):
         drawers = ", ".join(p.name for p in predictors.PREDICTORS.values() if p.fixz)
         what = f"sampling.predictor={pred.name}" if algo.uses_latent else _algorithm_key(cfg)
+        fix = " or use sampling.predictor=vae" if algo.uses_latent else ""
         raise ConfigError(
             f"sampling.fixz={fixz} applies to a VADD model under a sampler that draws z "
-            f"({drawers}), not to {what}: drop sampling.fixz"
+            f"({drawers}), not to {what}: drop sampling.fixz{fix}"
         )
     if cfg.sampling.get("semi_ar", False):
         _check_semi_ar(cfg, pred, algo)

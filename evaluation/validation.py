@@ -55,7 +55,9 @@ def _draws_at_once(module, batch: dict, batch_idx: int, draws: list[int]):
     # each draw's masks drawn on their own, in draw order: the numbers of one draw a call
     # on every device (one (g n, L) draw would split a CUDA Philox stream differently)
     mask_u = torch.cat([torch.rand(x0.shape, device=x0.device) for _ in draws])
-    out = module.compute_loss(big, t, 1.0, module.eval_particles, objectives.Draws(mask_u))
+    out = module.compute_loss(
+        big, t, beta=1.0, num_particles=module.eval_particles, draws=objectives.Draws(mask_u)
+    )
     per_draw = lambda value: value.reshape(g, n, *value.shape[1:]).flatten(1).sum(1)  # (g,)
     sums = {"nll": per_draw(out.per_seq)}
     sums.update({name: per_draw(value) for name, value in out.stats.items()})

@@ -122,7 +122,8 @@ def test_fsdp_two_cpu_processes_match_one_process(single, fsdp):
     # one ordinary file of whole tensors (not DTensor shards): every checkpoint tool reads it
     tensors = [*full["state_dict"].values(), *full["ema"]["shadow_params"]]
     assert all(type(t) is torch.Tensor for t in tensors)
-    assert full["resume"]["data"] == {"epoch": 0, "start": 12, "seed": 1}  # 3 steps x 4 rows
+    data = full["resume"]["data"]  # 3 steps x 4 rows of this rank, read as 2 x 4
+    assert data == {"epoch": 0, "start": 12, "seed": 1, "world": 2, "batch_size": 4}
     assert len(full["resume"]["rng"]) == 2  # one RNG state per rank
 
 

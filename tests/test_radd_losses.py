@@ -281,7 +281,7 @@ def test_batched_draws_keep_each_draws_own_spread_of_mu():
     sums = {}
     mu = torch.arange(g * n * d, dtype=torch.float32).reshape(g * n, d) ** 1.5  # per draw
 
-    def compute_loss(batch, t, beta, particles, draws):
+    def compute_loss(batch, t, beta, num_particles, draws):
         stats = {"mu_std": mu.flatten(1).std(0, correction=0).mean().expand(g * n)}
         latent = objectives.Latent(mu, torch.zeros_like(mu), t, None)
         return objectives.LossOutput(torch.zeros(g * n), torch.tensor(g * n * 5), stats, latent)
