@@ -72,10 +72,8 @@ DEFAULTS = {  # per device: CPU keeps the default run of both loss types under ~
     "cuda": {"warmup": 10, "steps_per_repeat": 20, "repeats": 5, "sample_repeats": 3},
 }
 H100_BF16_DENSE_TFLOPS = 989.0
-DATA_FEED = (
-    "random token ids in [0, vocab) from an in-memory Dataset (attention mask all ones, as "
-    "for wrapped data); data loading and tokenisation are not measured"
-)
+DATA_FEED = ("random token ids in [0, vocab) from an in-memory Dataset (attention mask all "
+             "ones, as for wrapped data); data loading, tokenisation not measured")  # fmt: skip
 
 
 # ---------------------------------------------------------------- command line
@@ -96,17 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, nargs="+", default=[16, 128, 1024],
                    help="sampling steps T to time, each on a --sample-batch x L batch")  # fmt: skip
     p.add_argument("--sample-batch", type=int, default=16, help="sequences per sampling batch")
-    p.add_argument("--predictors", nargs="*", default=[],
-                   help="further sampling.predictor names to time (e.g. tweedie euler "
-                   "analytic), beside the default cached one; JSON key `samplers`")  # fmt: skip
+    p.add_argument("--predictors", nargs="*", default=[], help="more sampling.predictor "
+                   "names to time, e.g. tweedie analytic (JSON key `samplers`)")  # fmt: skip
     p.add_argument("--sample-repeats", type=int, default=None, help="runs per T (CPU 1, CUDA 3)")
     p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
+        "--peak-tflops", type=float, default=None,
         help=f"MFU denominator in TFLOP/s (CUDA default {H100_BF16_DENSE_TFLOPS}, H100 bf16 "
         "dense; CPU default: measured with a 2048x2048 float32 matmul loop)",
-    )
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -343,8 +338,7 @@ def bench_loss_type(args, loss_type: str, tokenizer_cache: dict, peak_tflops: fl
             ),
             "sampling": bench_sampling(cfg, module, args),
         }
-        if args.predictors:
-            report["samplers"] = {p: bench_sampling(cfg, module, args, p) for p in args.predictors}
+        report["samplers"] = {p: bench_sampling(cfg, module, args, p) for p in args.predictors}
         report["anchor"] = compare_with_anchor(report, loss_type, args.device)
         if report["anchor"]["comparable"]:
             report["anchor"]["same_device_kind"] = "H100" in torch.cuda.get_device_name(0)

@@ -135,19 +135,11 @@ def sample_masked(
 
     latent: draws z for n sequences (None for MDLM). fixz=True draws z once per sequence
     for the whole chain (consistency sampler); fixz=False redraws it at every step.
-    top_k / top_p restrict the revealed tokens (see filter_logits); the final
-    noise-removal step is an argmax, which both filters keep.
-    update / final: the reveal rule and the chain's end (module docstring); final="sample"
-    ignores noise_removal: nothing is left for it. log_score (update="analytic" only):
-    the algorithm's concrete score, algorithms.Algorithm.log_score; the filter then
-    applies to the logits the score is formed from (_analytic_pick).
-    """
-    if update not in UPDATES or final not in FINALS:
-        raise ValueError(f"update={update!r}, final={final!r}: use one of {UPDATES}, {FINALS}")
-    if update == "analytic" and final == "sample":
-        raise ValueError("update='analytic' ends with final='argmax' (SEDD's denoiser step)")
-    if update == "analytic" and log_score is None:
-        raise ValueError("update='analytic' needs log_score (Algorithm.log_score)")
+    top_k / top_p restrict the revealed tokens (filter_logits; the greedy noise removal
+    keeps both). update / final: the reveal rule and the chain's end (module docstring);
+    final="sample" leaves nothing for noise_removal. log_score (update="analytic" only):
+    Algorithm.log_score; the filter applies to the logits it is formed from."""
+    _check_rule(update, final, log_score)
     x, stats = x_init.clone(), SampleStats(steps)
     B, device = x.shape[0], x.device
     z_fixed = latent(B) if (latent is not None and fixz) else None
@@ -171,16 +163,31 @@ def sample_masked(
         _predict_into(x, positions, denoise, z, sigma, cache, stats, pick)
     if final == "argmax" and noise_removal and (x == mask_id).any():  # last step at t = eps
         z = z_fixed if (fixz or latent is None) else latent(B)
-        a_eps = noise.alpha(grid[-1])
-        if update == "analytic":  # SEDD's denoiser: a draw from the score (SUBS: p(x0 | xt))
-            score = lambda block: log_score(block, a_eps)
-            last = lambda logits: gumbel_argmax(logits[:, :vocab_size], generator, top_k=top_k,
-                                                top_p=top_p, transform=score)  # fmt: skip
-        else:  # MDLM's noise removal: greedy
-            last = lambda logits: logits[:, :vocab_size].argmax(-1)
+        last = _final_pick(update, vocab_size, log_score, noise.alpha(grid[-1]), generator,
+                           top_k, top_p)  # fmt: skip
         sigma = _sigma(noise, grid[-1], B, time_conditioning)
         _predict_into(x, x == mask_id, denoise, z, sigma, True, stats, last)
     return x, stats
+
+
+def _check_rule(update: str, final: str, log_score) -> None:
+    if update not in UPDATES or final not in FINALS:
+        raise ValueError(f"update={update!r}, final={final!r}: use one of {UPDATES}, {FINALS}")
+    if update == "analytic" and final == "sample":
+        raise ValueError("update='analytic' ends with final='argmax' (SEDD's denoiser step)")
+    if update == "analytic" and log_score is None:
+        raise ValueError("update='analytic' needs log_score (Algorithm.log_score)")
+
+
+def _final_pick(update, vocab_size, log_score, a_eps, generator, top_k, top_p):
+    """The pick of the last step at t = eps: MDLM's greedy noise removal, or for
+    `analytic` SEDD's denoiser, a draw from the score (for SUBS: from p(x0 | xt))."""
+    if update != "analytic":
+        return lambda logits: logits[:, :vocab_size].argmax(-1)
+    score = lambda block: log_score(block, a_eps)
+    return lambda logits: gumbel_argmax(
+        logits[:, :vocab_size], generator, top_k=top_k, top_p=top_p, transform=score
+    )
 
 
 def reveal_prob(noise: NoiseSchedule, update: str, t, s, dt: float) -> torch.Tensor:
