@@ -33,9 +33,6 @@ class _TimeFree(MDLM):
                 "time_conditioning=False (or training.loss_type=t_DCE to keep it)"
             )
 
-    def time_desc(self) -> str:
-        return "no time"
-
 
 @register
 class LambdaDCE(_TimeFree):

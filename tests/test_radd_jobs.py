@@ -24,8 +24,8 @@ FAST = [*MICRO_MODEL, "loader.global_batch_size=4", "loader.eval_batch_size=4",
         (["training.loss_type=k_DCE", "backbone=radd", "training.decoupled_strata=True"],
          "k-DCE bound"),
         (["training.loss_type=t_DSE"], "t-DSE bound"),
-        (["parameterization=sedd", "training.loss_type=t_DSE", "time_conditioning=True"],
-         "DWDSE bound"),
+        (["parameterization=sedd", "training.loss_type=t_dse", "time_conditioning=True"],
+         "DWDSE bound"),  # the lower-case spelling too
         (["training.loss_type=t_DCE", "backbone=radd"], "t-DCE = MDLM NELBO"),
         (["backbone=radd"], "negative DELBO"),  # VADD with the time-free decoder
     ],

@@ -298,3 +298,49 @@ def test_batched_draws_keep_each_draws_own_spread_of_mu():
     for draw in range(g):
         own = mu[draw * n : (draw + 1) * n].std(0, correction=0).mean().item()
         assert sums[f"mu_std_{draw}"] / n == pytest.approx(own, rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["LambdaDCE", "KDCE", "TDSE", "SEDD"])
+def test_each_algorithm_passes_the_padding_mask_and_the_global_draws_to_its_loss(cls):
+    """The algorithm's loss is its objective on this batch's padding mask and on the
+    pre-drawn global-batch uniforms (the split-invariance and exact resume rest on them):
+    a padded row and fixed draws give exactly the direct objective's numbers."""
+    from types import SimpleNamespace
+
+    from algorithms import radd
+
+    algo = getattr(radd, cls)(None)
+    spec = spec_for(time_conditioning=cls == "SEDD")
+    net = tiny_net("dit" if cls == "SEDD" else "radd", seed=11)
+    x0 = torch.tensor([[1, 2, 0, 1], [2, 0, 1, 0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    t = torch.tensor([0.55, 0.8])
+    draws = objectives.Draws(mask_u=torch.rand(2, 4, generator=torch.Generator().manual_seed(3)))
+    module = SimpleNamespace(backbone=net, spec=spec)
+    batch = {"input_ids": x0, "attention_mask": mask}
+    with torch.no_grad():
+        got = algo.loss(module, batch, t, 1.0, 1, draws, False).per_seq
+        name = {"LambdaDCE": "lambda_dce", "KDCE": "k_dce", "TDSE": "t_dse", "SEDD": "sedd"}[cls]
+        if name in ("t_dse", "sedd"):
+            want = objectives.score_entropy_loss(net, x0, mask, t, spec, algo.log_score, draws)
+        else:
+            fn = objectives.lambda_dce_loss if name == "lambda_dce" else objectives.k_dce_loss
+            want = fn(net, x0, mask, t, spec, draws)
+    assert torch.equal(got, want.per_seq)
+    torch.manual_seed(0)  # without the draws the global RNG would decide: other numbers
+    with torch.no_grad():
+        other = algo.loss(module, batch, t, 1.0, 1, None, False).per_seq
+    assert not torch.equal(other, got)
+    with torch.no_grad():  # and without the mask the padding position would count
+        nopad = algo.loss(module, {"input_ids": x0}, t, 1.0, 1, draws, False).per_seq
+    assert not torch.equal(nopad, got)
+
+
+def test_k_dce_draws_its_uniform_on_all_of_0_1_and_the_others_from_eps():
+    from omegaconf import OmegaConf
+
+    from algorithms import radd
+
+    cfg = OmegaConf.create({"T": 0, "training": {"sampling_eps": 1e-3}})
+    assert radd.KDCE(cfg).t_eps() == 0.0  # k = floor(u n) + 1 needs u on [0, 1)
+    assert radd.LambdaDCE(cfg).t_eps() == radd.TDSE(cfg).t_eps() == 1e-3
