@@ -10,7 +10,11 @@ Because the truth is known, samples can be scored exactly:
 - coverage: the fraction of the N members found among the samples, beside the coverage
   that S exact draws from the uniform distribution reach on average, N (1 - (1 - 1/N)^S);
 - the true entropy log N per sequence (the NLL a perfect model reaches: no bound can be
-  below it).
+  below it);
+- what a perfect MDLM reaches with the same sampler (`oracle_denoiser`: the exact
+  p(x0 | xt) of the set): a masked-diffusion step reveals its positions independently,
+  so even exact conditionals leave the set when two correlated positions are revealed
+  in one step; that precision at T steps is the bound MDLM's samples can approach.
 
 Why it shows few-step correlation: a T = 1 masked-diffusion step reveals all L positions
 at once, independently given xt, so MDLM draws from the product of the positions'
@@ -68,6 +72,28 @@ def sampling_frame(tokenizer, length: int, mask_id: int) -> torch.Tensor:
     row = torch.full((length,), mask_id, dtype=torch.long)
     row[0] = tokenizer.bos_token_id
     return row
+
+
+def oracle_denoiser(member_rows: torch.Tensor, mask_id: int, vocab_size: int):
+    """samplers.DenoiseFn of the exact posterior under the uniform set: at each masked
+    position, the token counts among the members that agree with every visible token
+    of xt, as logits (log counts; -inf for tokens no such member has). A row that no
+    member explains (the sampler has left the set already) gets the set's marginals."""
+
+    def denoise(xt, sigma, z, out_mask):  # xt, out_mask (B, L) -> (positions P, V)
+        rows = member_rows.to(xt.device)
+        visible = xt != mask_id
+        agree = (rows[None] == xt[:, None]) | ~visible[:, None]  # (B, N, L)
+        consistent = agree.all(-1).float()  # (B, N)
+        explained = consistent.sum(-1, keepdim=True) > 0
+        weights = torch.where(explained, consistent, torch.ones_like(consistent))
+        b, pos = out_mask.nonzero(as_tuple=True)
+        tokens = rows[:, pos].T  # (P, N): each member's token at each asked position
+        counts = torch.zeros(len(b), vocab_size, device=xt.device)
+        counts.scatter_add_(1, tokens, weights[b])
+        return counts.log()
+
+    return denoise
 
 
 def expected_coverage(num_members: int, num_samples: int) -> float:

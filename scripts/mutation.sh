@@ -7,7 +7,7 @@
 # Without TESTs a module of the core gets its own fast tests (the map below). Runs on CPU in
 # a scratch copy of the tracked files (the checkout is not touched) for at most
 # MUTATION_BUDGET_S seconds (default 1800; the run can be continued by calling again with
-# the same OUT); writes OUT/survivors.txt (`mutmut results`: the surviving and untested
+# the same OUT) with MUTATION_JOBS workers (default: all cores); writes OUT/survivors.txt (`mutmut results`: the surviving and untested
 # mutants), OUT/stats.json (counts) and OUT/mutmut.log. `mutmut show <name>` in OUT/work
 # prints a mutant's diff. Needs `pip install -e ".[mutation]"`. Not part of CI.
 set -euo pipefail
@@ -61,7 +61,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PAR
 export VADD_CACHE_DIR=${VADD_CACHE_DIR:-$ROOT/.cache/vadd}
 cd "$WORK"
 set +e
-timeout "${MUTATION_BUDGET_S:-1800}" .venv/bin/mutmut run --max-children "$(nproc)" \
+timeout "${MUTATION_BUDGET_S:-1800}" .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-$(nproc)}" \
   > "$OUT/mutmut.log" 2>&1
 status=$?
 set -e

@@ -166,6 +166,33 @@ def _last_validation(out: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
 
 
+def exact_mdlm_scores(cfg, sample_steps: list[int], num_samples: int) -> dict:
+    """T -> set scores of MDLM's sampler (`ddpm`) run with the exact p(x0 | xt) of the set
+    (text_set.oracle_denoiser): the precision a perfect MDLM reaches at T steps."""
+    import torch
+
+    from data.tokenization import Vocab
+    from dataloader import get_tokenizer
+    from noise_schedule import get_noise
+    from sampling import samplers
+
+    tokenizer = get_tokenizer(cfg.data)
+    vocab, length = Vocab.from_tokenizer(tokenizer), int(cfg.model.length)
+    rows = text_set.members(cfg.data, tokenizer, length)
+    frame = text_set.sampling_frame(tokenizer, length, vocab.mask_id)
+    oracle = text_set.oracle_denoiser(rows, vocab.mask_id, vocab.size)
+    scores = {}
+    for steps in sample_steps:
+        x, _ = samplers.sample_masked(
+            oracle, frame.expand(num_samples, -1).clone(), mask_id=vocab.mask_id,
+            vocab_size=vocab.size, noise=get_noise(cfg.noise), steps=steps,
+            eps=float(cfg.sampling.eps), noise_removal=bool(cfg.sampling.noise_removal),
+            generator=torch.Generator().manual_seed(steps),
+        )  # fmt: skip
+        scores[str(steps)] = text_set.set_scores(x, rows)
+    return scores
+
+
 def compute_matched_steps(vadd_steps: int, overrides: list[str]) -> tuple[int, float]:
     """MDLM's step count for the compute of `vadd_steps` VADD steps, and the ratio."""
     import torch
@@ -217,22 +244,50 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
-    """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth."""
+    """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth.
+
+    Each distinct text is scored once: a trained model repeats the set's members, so
+    most cells share their texts. A cell's gen-PPL is then the corpus-level
+    exp(sum NLL / sum tokens) over its texts with their multiplicity, the number
+    gen_ppl.generative_perplexity gives for the cell on its own."""
     from evaluation import gen_ppl
 
     scores, truth = {}, {}
-    judge = None if judge_name == "none" else gen_ppl.load_judge(judge_name)
     members = runs[0]["members"]
+    judged = {}
+    if judge_name != "none":
+        judge = gen_ppl.load_judge(judge_name)
+        distinct = sorted({t for r in runs for texts in r["texts"].values() for t in texts})
+        judged = text_scores([*distinct, *members], judge)
     for r in runs:
         for key, texts in r["texts"].items():
             entry = {"unigram_entropy": _entropy_of_texts(texts)}
-            if judge is not None:
-                entry["gen_ppl"] = gen_ppl.generative_perplexity(texts, judge)["gen_ppl"]
+            if judged:
+                entry["gen_ppl"] = corpus_gen_ppl(texts, judged)
             scores[(r["seed"], key)] = entry
     truth["unigram_entropy"] = _entropy_of_texts(members)
-    if judge is not None:
-        truth["gen_ppl"] = gen_ppl.generative_perplexity(members, judge)["gen_ppl"]
+    if judged:
+        truth["gen_ppl"] = corpus_gen_ppl(members, judged)
     return scores, truth
+
+
+def text_scores(texts: list[str], judge) -> dict[str, tuple[float, int]]:
+    """text -> (summed NLL in nats, judged tokens) for each distinct text the judge scores."""
+    from evaluation import gen_ppl
+
+    texts = list(dict.fromkeys(texts))
+    result = gen_ppl.generative_perplexity(texts, judge, batch_size=64)
+    empty = set(result["empty_indices"])
+    scored = [t for i, t in enumerate(texts) if i not in empty]
+    pairs = zip(result["per_sample_nll"], result["per_sample_tokens"], strict=True)
+    return dict(zip(scored, pairs, strict=True))
+
+
+def corpus_gen_ppl(texts: list[str], judged: dict[str, tuple[float, int]]) -> float:
+    """exp(total NLL / total tokens) over `texts`, repeats counted; empty texts skipped."""
+    nll = sum(judged[t][0] for t in texts if t in judged)
+    tokens = sum(judged[t][1] for t in texts if t in judged)
+    return math.exp(nll / tokens) if tokens else float("nan")
 
 
 def _entropy_of_texts(texts: list[str]) -> float:
@@ -247,7 +302,7 @@ def _entropy_of_texts(texts: list[str]) -> float:
     return statistics.fmean(values) if values else 0.0
 
 
-def plot(path: Path, table: dict, truth_coverage: float) -> None:
+def plot(path: Path, table: dict, truth: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +316,11 @@ def plot(path: Path, table: dict, truth_coverage: float) -> None:
             std = [rows[s][metric]["std"] for s in steps]
             ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=name)
     axes[0].axhline(1.0, color="grey", lw=0.8, ls="--", label="exact draws")
-    axes[1].axhline(truth_coverage, color="grey", lw=0.8, ls="--", label="exact draws")
+    axes[1].axhline(truth["coverage_of_exact_draws"], color="grey", lw=0.8, ls="--",
+                    label="exact draws")  # fmt: skip
+    exact = sorted((int(k), v) for k, v in truth["exact_mdlm_precision"].items())
+    axes[0].plot([k for k, _ in exact], [v for _, v in exact], color="grey", lw=0.8, ls=":",
+                 marker=".", label="MDLM sampler, exact p(x0 | xt)")  # fmt: skip
     for ax, title in zip(
         axes, ("precision (samples in the set)", "coverage (members found)"), strict=True
     ):
@@ -326,11 +385,14 @@ def main(argv=None) -> int:
     runs = run_jobs(jobs, args.jobs)
     judge_scores, truth = judge_all(runs, args.judge)
     table = summarise(runs, judge_scores)
+    exact_samples = 16 * args.num_samples  # the bound's own sampling error is small
+    exact = exact_mdlm_scores(compose(args.out, args.overrides), args.sample_steps, exact_samples)
     n = len(runs[0]["members"])
     truth.update(
         num_members=n,
         true_entropy_nats_per_sequence=math.log(n),
         coverage_of_exact_draws=text_set.expected_coverage(n, args.num_samples),
+        exact_mdlm_precision={k: v["precision"] for k, v in exact.items()},
     )
     settings = {"vadd_train_steps": vadd_steps, "mdlm_train_steps": mdlm_steps,
                 "compute_ratio": ratio, "seeds": args.seeds, "num_samples": args.num_samples,
@@ -349,7 +411,7 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.time() - start, 1),
     }
     (args.out / "verse_set.json").write_text(json.dumps(result, indent=2))
-    plot(args.out / "verse_set.png", table, truth["coverage_of_exact_draws"])
+    plot(args.out / "verse_set.png", table, truth)
     print(_markdown(table, truth), flush=True)
     print(f"[verse_set] {result['wall_seconds']} s -> {args.out}/verse_set.json, .png")
     return 0
@@ -365,6 +427,9 @@ def _markdown(table: dict, truth: dict) -> str:
                 continue
             cells = [f"{rows[s][metric]['mean']:.3f}±{rows[s][metric]['std']:.3f}" for s in steps]
             lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+    exact = truth["exact_mdlm_precision"]
+    cells = [f"{exact[str(s)]:.3f}" for s in steps]
+    lines.append("| MDLM sampler, exact p(x0 given xt) | precision | " + " | ".join(cells) + " |")
     lines.append(f"truth: {json.dumps(truth)}")
     return "\n".join(lines)
 

@@ -235,3 +235,23 @@ def test_unigram_entropy():
     # Mean over samples, empty samples skipped: (0 + log 2) / 2.
     assert gen_ppl.unigram_entropy([[1, 1], [1, 2], []]) == pytest.approx(math.log(2) / 2)
     assert gen_ppl.unigram_entropy(torch.tensor([[3, 3, 4, 4]])) == pytest.approx(math.log(2))
+
+
+def test_verse_set_scores_each_distinct_text_once_and_counts_repeats(judge):
+    """scripts/verse_set.py judges distinct texts once; a cell's gen-PPL must still be the
+    corpus-level number of the cell scored on its own (repeats weigh, empties skipped)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "verse_set.py"
+    spec = importlib.util.spec_from_file_location("verse_set_script", path)
+    verse_set = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verse_set)
+    cell = [VERSES[0], VERSES[0], "", VERSES[3], VERSES[0]]
+    judged = verse_set.text_scores([VERSES[3], VERSES[0], "", VERSES[1]], judge)
+    assert set(judged) == {VERSES[0], VERSES[1], VERSES[3]}
+    alone = gen_ppl.generative_perplexity(cell, judge)
+    assert verse_set.corpus_gen_ppl(cell, judged) == pytest.approx(alone["gen_ppl"], rel=1e-4)
+    unweighted = gen_ppl.generative_perplexity([VERSES[0], VERSES[3]], judge)["gen_ppl"]
+    assert verse_set.corpus_gen_ppl(cell, judged) != pytest.approx(unweighted, rel=1e-3)
+    assert math.isnan(verse_set.corpus_gen_ppl(["", ""], judged))

@@ -344,3 +344,39 @@ def test_k_dce_draws_its_uniform_on_all_of_0_1_and_the_others_from_eps():
     cfg = OmegaConf.create({"T": 0, "training": {"sampling_eps": 1e-3}})
     assert radd.KDCE(cfg).t_eps() == 0.0  # k = floor(u n) + 1 needs u on [0, 1)
     assert radd.LambdaDCE(cfg).t_eps() == radd.TDSE(cfg).t_eps() == 1e-3
+
+
+CASES = [(n, k) for n in ("t_dce", "lambda_dce", "k_dce", "t_dse") for k in ("radd", "dit")]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, kind", [*CASES, ("sedd", "dit")])  # SEDD: time-conditioned
+def test_a_padded_row_costs_what_its_unpadded_row_costs_and_recon_is_its_nll(name, kind):
+    """Padding is never masked, never attended to (the backbone gets key_mask) and never
+    counted; the uniforms of the padding are 0, so a loss that ignored key_mask would
+    mask and score them. The logged `recon` is the masked positions' summed NLL."""
+    net, spec = tiny_net(kind, seed=11), spec_for(time_conditioning=name == "sedd")
+    x0 = torch.tensor([[1, 2, 0, 0], [2, 0, 1, 1]])
+    key_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    u = torch.tensor([[0.1, 0.7, 0.3, 0.0], [0.2, 0.9, 0.4, 0.6]])
+    t = torch.tensor([0.5, 0.5])
+    full = _loss(name, net, x0, key_mask, t, spec, objectives.Draws(mask_u=u))
+    short = _loss(name, net, x0[:1, :3], None, t[:1], spec, objectives.Draws(mask_u=u[:1, :3]))
+    assert full.per_seq[0].item() == pytest.approx(short.per_seq[0].item(), rel=1e-5, abs=1e-6)
+    assert int(full.num_tokens) == 7
+    if name in ("t_dce", "lambda_dce", "k_dce"):
+        assert (full.stats["recon"] > 0).all()
+        weight = {"t_dce": spec.noise.loss_weight(t), "lambda_dce": 1 / t,
+                  "k_dce": torch.tensor([3 / 2, 4 / 3])}[name]  # k = floor(0.5 n) + 1  # fmt: skip
+        torch.testing.assert_close(full.stats["recon"] * weight, full.per_seq)
+
+
+def _loss(name, net, x0, key_mask, t, spec, draws):
+    if name == "t_dce":
+        return objectives.mdlm_loss(net, x0, key_mask, t, spec, draws)
+    if name == "lambda_dce":
+        return objectives.lambda_dce_loss(net, x0, key_mask, t, spec, draws)
+    if name == "k_dce":
+        return objectives.k_dce_loss(net, x0, key_mask, t, spec, draws)
+    log_score = (SEDD if name == "sedd" else TDSE)(None).log_score
+    return objectives.score_entropy_loss(net, x0, key_mask, t, spec, log_score, draws)

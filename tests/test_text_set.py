@@ -190,6 +190,7 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
     assert set(result["table"]["MDLM"]) == {"1", "4"}
     assert result["settings"]["mdlm_train_steps"] > result["settings"]["vadd_train_steps"]
     assert result["truth"]["num_members"] == 8
+    assert set(result["truth"]["exact_mdlm_precision"]) == {"1", "4"}
     assert result["settings"]["vadd_overrides"][:2] == ["T=2", "training.kl_weighting=once"]
     vadd_cfg = (tmp_path / "vae_seed1" / "config.yaml").read_text()
     assert "kl_weighting: once" in vadd_cfg
@@ -197,3 +198,57 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
     cell = result["table"]["VADD fixz=False"]["4"]["precision"]
     assert len(cell["per_seed"]) == 1 and 0.0 <= cell["mean"] <= 1.0
     assert (tmp_path / "verse_set.png").stat().st_size > 0
+
+
+# ----------------------------------------------------- the exact denoiser (MDLM's bound)
+SET = torch.tensor([[5, 0, 1, 2], [5, 0, 2, 1], [5, 3, 1, 2], [5, 3, 3, 3]])  # BOS = 5
+MASK = 6
+
+
+def test_oracle_gives_the_tokens_of_the_members_that_agree_with_what_is_visible():
+    oracle = text_set.oracle_denoiser(SET, MASK, 6)
+    xt = torch.tensor(
+        [[5, MASK, MASK, MASK], [5, 0, MASK, MASK], [5, 3, 3, MASK], [5, 4, MASK, MASK]]
+    )  # row 3: no member has a 4
+    out_mask = xt == MASK
+    probs = oracle(xt, None, None, out_mask).exp()  # (positions, V)
+    rows = iter(probs / probs.sum(-1, keepdim=True))
+    expect = [  # (row, position) -> member counts at that position
+        {0: 2, 3: 2},
+        {1: 2, 2: 1, 3: 1},
+        {2: 2, 1: 1, 3: 1},  # nothing seen: marginals
+        {1: 1, 2: 1},
+        {2: 1, 1: 1},  # members 0 and 1
+        {3: 1},  # member 3 only
+        {1: 2, 2: 1, 3: 1},
+        {2: 2, 1: 1, 3: 1},  # unexplained: the set's marginals
+    ]
+    for counts in expect:
+        want = torch.zeros(6)
+        for token, c in counts.items():
+            want[token] = c / sum(counts.values())
+        torch.testing.assert_close(next(rows), want)
+
+
+def test_the_mdlm_sampler_with_the_oracle_reaches_the_enumerated_one_step_precision():
+    """T = 1 reveals every position at once from its marginal: precision is
+    sum_m prod_i p_i(m_i) = 0.3125 here (enumerated); many steps reveal one position
+    at a time from exact conditionals, so nearly every sample is a member."""
+    from noise_schedule import LogLinear
+    from sampling import samplers
+
+    marginals = [{0: 0.5, 3: 0.5}, {1: 0.5, 2: 0.25, 3: 0.25}, {2: 0.5, 1: 0.25, 3: 0.25}]
+    exact = sum(math.prod(marginals[i].get(int(row[i + 1]), 0.0) for i in range(3)) for row in SET)
+    assert exact == pytest.approx(0.3125)
+    oracle = text_set.oracle_denoiser(SET, MASK, 6)
+    frame = torch.tensor([[5, MASK, MASK, MASK]])
+    precision = {}
+    for steps, n in ((1, 20000), (400, 1000)):
+        x, _ = samplers.sample_masked(
+            oracle, frame.expand(n, -1).clone(), mask_id=MASK, vocab_size=6,
+            noise=LogLinear(1e-3), steps=steps, generator=torch.Generator().manual_seed(steps),
+        )  # fmt: skip
+        precision[steps] = text_set.set_scores(x, SET)["precision"]
+    se = math.sqrt(exact * (1 - exact) / 20000)
+    assert abs(precision[1] - exact) < 4 * se
+    assert precision[400] > 0.98
