@@ -96,6 +96,31 @@ def oracle_denoiser(member_rows: torch.Tensor, mask_id: int, vocab_size: int):
     return denoise
 
 
+def exact_mdlm_scores(cfg: DictConfig, sample_steps: list[int], num_samples: int) -> dict:
+    """str(T) -> set_scores of MDLM's sampler (`ddpm`: samplers.sample_masked, the run's
+    schedule, eps and noise removal) with oracle_denoiser: a perfect MDLM at T steps."""
+    from data.tokenization import Vocab
+    from dataloader import get_tokenizer
+    from noise_schedule import get_noise
+    from sampling import samplers
+
+    tokenizer = get_tokenizer(cfg.data)
+    vocab, length = Vocab.from_tokenizer(tokenizer), int(cfg.model.length)
+    rows = members(cfg.data, tokenizer, length)
+    frame = sampling_frame(tokenizer, length, vocab.mask_id)
+    oracle = oracle_denoiser(rows, vocab.mask_id, vocab.size)
+    scores = {}
+    for steps in sample_steps:
+        x, _ = samplers.sample_masked(
+            oracle, frame.expand(num_samples, -1).clone(), mask_id=vocab.mask_id,
+            vocab_size=vocab.size, noise=get_noise(cfg.noise), steps=steps,
+            eps=float(cfg.sampling.eps), noise_removal=bool(cfg.sampling.noise_removal),
+            generator=torch.Generator().manual_seed(steps),
+        )  # fmt: skip
+        scores[str(steps)] = set_scores(x, rows)
+    return scores
+
+
 def expected_coverage(num_members: int, num_samples: int) -> float:
     """Mean fraction of N equally likely members seen in S independent exact draws."""
     if num_members == 0:

@@ -253,6 +253,27 @@ def generative_perplexity(texts: Sequence[str], judge: Judge, batch_size: int = 
     }
 
 
+def distinct_text_scores(
+    texts: Sequence[str], judge: Judge, batch_size: int = 8
+) -> dict[str, tuple[float, int]]:
+    """text -> (summed NLL in nats, judged tokens), each distinct text scored once (empty
+    texts are left out): many sample sets share texts (a trained model repeats them)."""
+    texts = list(dict.fromkeys(texts))
+    result = generative_perplexity(texts, judge, batch_size)
+    empty = set(result["empty_indices"])
+    scored = [t for i, t in enumerate(texts) if i not in empty]
+    pairs = zip(result["per_sample_nll"], result["per_sample_tokens"], strict=True)
+    return dict(zip(scored, pairs, strict=True))
+
+
+def corpus_gen_ppl(texts: Sequence[str], scores: dict[str, tuple[float, int]]) -> float:
+    """generative_perplexity's gen_ppl of `texts` from distinct_text_scores: exp(total NLL /
+    total tokens), repeats counted, empty texts skipped."""
+    nll = sum(scores[t][0] for t in texts if t in scores)
+    tokens = sum(scores[t][1] for t in texts if t in scores)
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
 def _chunk(token_ids: list[list[int]], judge: Judge) -> tuple[list[list[int]], list[int]]:
     """Cut every sample into judge inputs of at most `context` positions; owners[k] = sample."""
     prefix = [] if judge.start_id is None else [judge.start_id]

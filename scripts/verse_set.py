@@ -166,33 +166,6 @@ def _last_validation(out: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
 
 
-def exact_mdlm_scores(cfg, sample_steps: list[int], num_samples: int) -> dict:
-    """T -> set scores of MDLM's sampler (`ddpm`) run with the exact p(x0 | xt) of the set
-    (text_set.oracle_denoiser): the precision a perfect MDLM reaches at T steps."""
-    import torch
-
-    from data.tokenization import Vocab
-    from dataloader import get_tokenizer
-    from noise_schedule import get_noise
-    from sampling import samplers
-
-    tokenizer = get_tokenizer(cfg.data)
-    vocab, length = Vocab.from_tokenizer(tokenizer), int(cfg.model.length)
-    rows = text_set.members(cfg.data, tokenizer, length)
-    frame = text_set.sampling_frame(tokenizer, length, vocab.mask_id)
-    oracle = text_set.oracle_denoiser(rows, vocab.mask_id, vocab.size)
-    scores = {}
-    for steps in sample_steps:
-        x, _ = samplers.sample_masked(
-            oracle, frame.expand(num_samples, -1).clone(), mask_id=vocab.mask_id,
-            vocab_size=vocab.size, noise=get_noise(cfg.noise), steps=steps,
-            eps=float(cfg.sampling.eps), noise_removal=bool(cfg.sampling.noise_removal),
-            generator=torch.Generator().manual_seed(steps),
-        )  # fmt: skip
-        scores[str(steps)] = text_set.set_scores(x, rows)
-    return scores
-
-
 def compute_matched_steps(vadd_steps: int, overrides: list[str]) -> tuple[int, float]:
     """MDLM's step count for the compute of `vadd_steps` VADD steps, and the ratio."""
     import torch
@@ -247,9 +220,7 @@ def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
     """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth.
 
     Each distinct text is scored once: a trained model repeats the set's members, so
-    most cells share their texts. A cell's gen-PPL is then the corpus-level
-    exp(sum NLL / sum tokens) over its texts with their multiplicity, the number
-    gen_ppl.generative_perplexity gives for the cell on its own."""
+    most cells share their texts (gen_ppl.corpus_gen_ppl counts the repeats)."""
     from evaluation import gen_ppl
 
     scores, truth = {}, {}
@@ -258,36 +229,17 @@ def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
     if judge_name != "none":
         judge = gen_ppl.load_judge(judge_name)
         distinct = sorted({t for r in runs for texts in r["texts"].values() for t in texts})
-        judged = text_scores([*distinct, *members], judge)
+        judged = gen_ppl.distinct_text_scores([*distinct, *members], judge, batch_size=64)
     for r in runs:
         for key, texts in r["texts"].items():
             entry = {"unigram_entropy": _entropy_of_texts(texts)}
             if judged:
-                entry["gen_ppl"] = corpus_gen_ppl(texts, judged)
+                entry["gen_ppl"] = gen_ppl.corpus_gen_ppl(texts, judged)
             scores[(r["seed"], key)] = entry
     truth["unigram_entropy"] = _entropy_of_texts(members)
     if judged:
-        truth["gen_ppl"] = corpus_gen_ppl(members, judged)
+        truth["gen_ppl"] = gen_ppl.corpus_gen_ppl(members, judged)
     return scores, truth
-
-
-def text_scores(texts: list[str], judge) -> dict[str, tuple[float, int]]:
-    """text -> (summed NLL in nats, judged tokens) for each distinct text the judge scores."""
-    from evaluation import gen_ppl
-
-    texts = list(dict.fromkeys(texts))
-    result = gen_ppl.generative_perplexity(texts, judge, batch_size=64)
-    empty = set(result["empty_indices"])
-    scored = [t for i, t in enumerate(texts) if i not in empty]
-    pairs = zip(result["per_sample_nll"], result["per_sample_tokens"], strict=True)
-    return dict(zip(scored, pairs, strict=True))
-
-
-def corpus_gen_ppl(texts: list[str], judged: dict[str, tuple[float, int]]) -> float:
-    """exp(total NLL / total tokens) over `texts`, repeats counted; empty texts skipped."""
-    nll = sum(judged[t][0] for t in texts if t in judged)
-    tokens = sum(judged[t][1] for t in texts if t in judged)
-    return math.exp(nll / tokens) if tokens else float("nan")
 
 
 def _entropy_of_texts(texts: list[str]) -> float:
@@ -386,7 +338,9 @@ def main(argv=None) -> int:
     judge_scores, truth = judge_all(runs, args.judge)
     table = summarise(runs, judge_scores)
     exact_samples = 16 * args.num_samples  # the bound's own sampling error is small
-    exact = exact_mdlm_scores(compose(args.out, args.overrides), args.sample_steps, exact_samples)
+    exact = text_set.exact_mdlm_scores(
+        compose(args.out, args.overrides), args.sample_steps, exact_samples
+    )
     n = len(runs[0]["members"])
     truth.update(
         num_members=n,

@@ -237,21 +237,14 @@ def test_unigram_entropy():
     assert gen_ppl.unigram_entropy(torch.tensor([[3, 3, 4, 4]])) == pytest.approx(math.log(2))
 
 
-def test_verse_set_scores_each_distinct_text_once_and_counts_repeats(judge):
-    """scripts/verse_set.py judges distinct texts once; a cell's gen-PPL must still be the
-    corpus-level number of the cell scored on its own (repeats weigh, empties skipped)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "verse_set.py"
-    spec = importlib.util.spec_from_file_location("verse_set_script", path)
-    verse_set = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(verse_set)
+def test_distinct_texts_are_scored_once_and_a_set_counts_its_repeats(judge):
+    """distinct_text_scores + corpus_gen_ppl (scripts/verse_set.py): a sample set's
+    gen-PPL is the number generative_perplexity gives it, repeats weighing, empties skipped."""
     cell = [VERSES[0], VERSES[0], "", VERSES[3], VERSES[0]]
-    judged = verse_set.text_scores([VERSES[3], VERSES[0], "", VERSES[1]], judge)
-    assert set(judged) == {VERSES[0], VERSES[1], VERSES[3]}
+    scores = gen_ppl.distinct_text_scores([VERSES[3], VERSES[0], "", VERSES[1]], judge)
+    assert set(scores) == {VERSES[0], VERSES[1], VERSES[3]}
     alone = gen_ppl.generative_perplexity(cell, judge)
-    assert verse_set.corpus_gen_ppl(cell, judged) == pytest.approx(alone["gen_ppl"], rel=1e-4)
+    assert gen_ppl.corpus_gen_ppl(cell, scores) == pytest.approx(alone["gen_ppl"], rel=1e-4)
     unweighted = gen_ppl.generative_perplexity([VERSES[0], VERSES[3]], judge)["gen_ppl"]
-    assert verse_set.corpus_gen_ppl(cell, judged) != pytest.approx(unweighted, rel=1e-3)
-    assert math.isnan(verse_set.corpus_gen_ppl(["", ""], judged))
+    assert gen_ppl.corpus_gen_ppl(cell, scores) != pytest.approx(unweighted, rel=1e-3)
+    assert math.isnan(gen_ppl.corpus_gen_ppl(["", ""], scores))

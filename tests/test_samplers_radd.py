@@ -452,3 +452,58 @@ def test_the_analytic_chain_ends_with_a_draw_from_the_score_not_its_argmax():
     assert (freq - probs).abs().max() < 4 * math.sqrt(0.25 / x.numel())
     greedy, _ = run(fixed, x_init, "ddpm", steps=1, eps=0.9999)
     assert (greedy == 0).float().mean() > 0.99
+
+
+def test_analytic_step_probs_for_per_row_alphas_and_an_unnormalised_score():
+    """An independent float64 computation of SEDD's step: per-row alphas (N,), a score
+    whose weights exceed 1 in some rows (stay clamps to 0, the row renormalises), and
+    python-float alphas so close that float32 would lose the ratio's digits."""
+    torch.manual_seed(2)
+    score = 2 * torch.randn(6, V, dtype=torch.float64)
+    a_t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.2, 0.05])
+    a_s = torch.tensor([0.9, 0.31, 0.6, 0.99, 0.95, 0.06])
+    got = samplers.analytic_step_probs(score, a_t, a_s)
+    ratio = a_s.double() / a_t.double() - 1.0
+    for i in range(6):
+        w = [math.exp(float(score[i, y])) * float(ratio[i]) for y in range(V)]
+        row = [*w, max(0.0, 1.0 - sum(w))]
+        want = torch.tensor(row, dtype=torch.float64) / sum(row)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-15)
+    assert (got[:, V] == 0).any() and (got[:, V] > 0).any()  # both kinds of row occur
+    a_t, a_s = 0.123456789012, 0.123456789112  # a_s / a_t - 1 ~ 8e-10
+    got = samplers.analytic_step_probs(score[:1], a_t, a_s)
+    w = score[0].exp() * (a_s / a_t - 1.0)
+    torch.testing.assert_close(got[0, :V], w, rtol=1e-9, atol=0)  # stay takes the rest
+
+
+@pytest.mark.parametrize("rule, message", [
+    (dict(update="nope"), r"update='nope', final='argmax': use one of \('tweedie'"),
+    (dict(final="nope"), r"update='tweedie', final='nope': use one of"),
+    (dict(update="analytic", final="sample", log_score=SUBS_SCORE),
+     r"^update='analytic' ends with final='argmax' \(SEDD's denoiser step\)$"),
+    (dict(update="analytic"), r"^update='analytic' needs log_score \(Algorithm.log_score\)$"),
+])  # fmt: skip
+def test_a_rule_the_sampler_cannot_run_is_refused_by_name(rule, message):
+    with pytest.raises(ValueError, match=message):
+        samplers.sample_masked(lambda *a: None, all_mask(1, 2), mask_id=MASK, vocab_size=V,
+                               noise=LogLinear(), steps=1, **rule)  # fmt: skip
+
+
+def test_the_analytic_chain_and_its_last_draw_use_the_generator_and_top_p():
+    """eps = 0.5 leaves about half the positions to the final draw. Its samples depend on
+    the sampler's generator only (not the global RNG); top_p ~ 0 keeps the top token
+    in the steps and in the final draw."""
+    torch.manual_seed(3)
+    table = torch.randn(4, V)
+
+    def fixed(xt, sigma, z, out_mask):
+        return table.expand(xt.shape[0], -1, -1)[out_mask]
+
+    x_init = all_mask(300, 4)
+    torch.manual_seed(0)
+    first, _ = run(fixed, x_init, "analytic", steps=2, eps=0.5)
+    torch.manual_seed(1)
+    again, _ = run(fixed, x_init, "analytic", steps=2, eps=0.5)
+    assert torch.equal(first, again) and (first != MASK).all()
+    top, _ = run(fixed, x_init, "analytic", steps=2, eps=0.5, top_p=1e-9)
+    assert torch.equal(top, table.argmax(-1).expand(300, -1))
