@@ -7,8 +7,9 @@
 # Without TESTs a module of the core gets its own fast tests (the map below). Runs on CPU in
 # a scratch copy of the tracked files (the checkout is not touched) for at most
 # MUTATION_BUDGET_S seconds (default 1800; the run can be continued by calling again with
-# the same OUT) with MUTATION_JOBS workers (default: all cores); writes OUT/survivors.txt (`mutmut results`: the surviving and untested
-# mutants), OUT/stats.json (counts) and OUT/mutmut.log. `mutmut show <name>` in OUT/work
+# the same OUT) with MUTATION_JOBS workers (default: all cores); writes OUT/survivors.txt
+# (`mutmut results`: the surviving and untested mutants), OUT/stats.json (counts) and
+# OUT/mutmut.log. `mutmut show <name>` in OUT/work
 # prints a mutant's diff. Needs `pip install -e ".[mutation]"`. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
