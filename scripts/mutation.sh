@@ -18,7 +18,7 @@ OUT=$(realpath -m "${1:?usage: mutation.sh OUT MODULE [TEST ...]}")
 MODULE=${2:?usage: mutation.sh OUT MODULE [TEST ...]}
 shift 2
 declare -A TESTS=(
-  [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py"
+  [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py tests/test_radd_losses.py"
   [algorithms/objectives.py]="tests/test_losses.py tests/test_radd_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
   [sampling/samplers.py]="tests/test_samplers.py tests/test_samplers_radd.py tests/test_conditional.py"
