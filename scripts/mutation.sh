@@ -18,7 +18,10 @@ OUT=$(realpath -m "${1:?usage: mutation.sh OUT MODULE [TEST ...]}")
 MODULE=${2:?usage: mutation.sh OUT MODULE [TEST ...]}
 shift 2
 declare -A TESTS=(
-  [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py tests/test_radd_losses.py"
+  [algorithms/losses.py]="tests/test_losses.py tests/test_latent_diagnostics.py tests/test_radd_losses.py
+    tests/test_fast_paths.py::test_chunked_cross_entropy_matches_log_softmax
+    tests/test_fast_paths.py::test_chunked_cross_entropy_in_bfloat16_keeps_float32_output
+    tests/test_fast_paths.py::test_row_chunks_cover_the_rows_once_in_bounded_pieces"
   [algorithms/objectives.py]="tests/test_losses.py tests/test_radd_losses.py tests/test_padding_and_schedules.py tests/test_collapse_remedies.py"
   [noise_schedule.py]="tests/test_noise_schedule.py tests/test_losses.py"
   [sampling/samplers.py]="tests/test_samplers.py tests/test_samplers_radd.py tests/test_conditional.py"
@@ -29,7 +32,7 @@ declare -A TESTS=(
 SELECTED=("$@")
 if [ ${#SELECTED[@]} -eq 0 ]; then
   [ -n "${TESTS[$MODULE]:-}" ] || { echo "error: no default tests for $MODULE: name them" >&2; exit 2; }
-  read -r -a SELECTED <<< "${TESTS[$MODULE]}"
+  read -r -a SELECTED <<< "$(tr '\n' ' ' <<< "${TESTS[$MODULE]}")"  # entries may span lines
 fi
 [ -f "$MODULE" ] || { echo "error: $MODULE is not a file of this checkout" >&2; exit 2; }
 [ -x .venv/bin/mutmut ] || { echo "error: mutmut is missing: pip install -e \".[mutation]\"" >&2; exit 2; }

@@ -22,9 +22,10 @@ def reference_logp(logits, targets, vocab_size):
     return torch.log_softmax(logits[:, :vocab_size].float(), -1).gather(1, targets[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])  # one row per chunk, a few, one chunk
+# 20 rows of 16 logits: 20 chunks of one row, 10 of two, 2 of eleven, one chunk
+@pytest.mark.parametrize("chunk_rows", [1, 3, 16, 1000])
 def test_chunked_cross_entropy_matches_log_softmax(monkeypatch, chunk_rows):
-    V, extra, N = 11, 5, 7  # 5 excluded ids: [MASK] + padding
+    V, extra, N = 11, 5, 20  # 5 excluded ids: [MASK] + padding; more rows than logits
     monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", chunk_rows * V)
     torch.manual_seed(0)
     logits = (3 * torch.randn(N, V + extra)).requires_grad_()
@@ -39,6 +40,15 @@ def test_chunked_cross_entropy_matches_log_softmax(monkeypatch, chunk_rows):
     (want * weights).sum().backward()
     torch.testing.assert_close(logits.grad, logits_ref.grad)
     assert torch.equal(logits.grad[:, V:], torch.zeros(N, extra))  # excluded ids: no gradient
+
+
+def test_row_chunks_cover_the_rows_once_in_bounded_pieces(monkeypatch):
+    monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", 30)
+    for n, width in [(20, 16), (7, 4), (5, 100), (1, 1)]:
+        chunks = losses._row_chunks(n, width)
+        rows = [i for c in chunks for i in range(n)[c]]
+        assert rows == list(range(n))  # each row once, in order
+        assert all(c.stop - c.start <= max(1, 30 // width) for c in chunks)
 
 
 def test_chunked_cross_entropy_in_bfloat16_keeps_float32_output(monkeypatch):

@@ -616,3 +616,42 @@ def test_free_bits_mu_std_and_the_latent_of_per_position_z_on_a_padded_batch():
     want_std = m.flatten(1).std(0, correction=0).mean()
     torch.testing.assert_close(plain.stats["mu_std"].double(), want_std.expand(B))
     assert plain.latent.position_mask is key_mask
+
+
+def test_per_position_kls_leave_the_padding_positions_out():
+    """Per-position latents (model.latent1d=False): both KL estimates of a padded row are
+    those of its real positions, against normal log-densities in float64."""
+    torch.manual_seed(4)
+    B, K, L, d = 3, 2, 5, 4
+    mu, log_sigma = torch.randn(B, L, d).double(), 0.3 * torch.randn(B, L, d).double()
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    z, eps = losses.reparameterize(mu, log_sigma, K)  # (B, K, L, d)
+    log_r = normal_logpdf(z, mu[:, None], log_sigma.exp()[:, None]).sum(-1)  # (B, K, L)
+    log_p = normal_logpdf(z, 0.0, 1.0).sum(-1)
+    want = ((log_r - log_p) * real[:, None]).sum(-1)
+    torch.testing.assert_close(losses.kl_one_sample(z, eps, log_sigma, real), want)
+    sigma2 = (2 * log_sigma).exp()
+    closed = 0.5 * (mu**2 + sigma2 - 1 - 2 * log_sigma).sum(-1)  # (B, L)
+    torch.testing.assert_close(losses.kl_closed_form(mu, log_sigma, real), (closed * real).sum(-1))
+
+
+def test_free_bits_group_0_is_one_floor_for_all_of_z_and_small_weights_are_kept():
+    """group 0 (recipe=cpu's choice) = one group of all d dimensions; the weighted mean
+    divides by the weights' sum even when it is below 1 (kl_weighting=once, short T)."""
+    kl = torch.tensor([[0.1, 0.2, 0.0, 0.3], [0.4, 0.0, 0.1, 0.1]], dtype=torch.float64)
+    lam = torch.tensor([0.2, 0.05], dtype=torch.float64)
+    got = losses.free_bits_penalty(kl, lam, free_bits=0.5, group=0)
+    torch.testing.assert_close(got, losses.free_bits_penalty(kl, lam, free_bits=0.5, group=4))
+    mean = (0.2 * 0.6 + 0.05 * 0.6) / 0.25  # both rows hold 0.6 nats in all
+    torch.testing.assert_close(got, lam * (0.5 * 4 - mean))
+
+
+def test_decoupled_strata_draw_from_the_given_generator_only():
+    """The global batch's draws come from the step's generator (split invariance), not
+    from the global RNG."""
+    draws = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(7)
+        draws.append(losses.sample_t(4, eps=1e-3, antithetic=True, generator=g, decoupled=True))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
