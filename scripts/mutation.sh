@@ -4,6 +4,7 @@
 # mutant that no test kills is a bug the suite would let through.
 #   bash scripts/mutation.sh OUT MODULE [TEST ...]      e.g.
 #   bash scripts/mutation.sh outputs/mutation/losses algorithms/losses.py
+#   bash scripts/mutation.sh outputs/mutation core     # every module of the map below
 # Without TESTs a module of the core gets its own fast tests (the map below). Runs on CPU in
 # a scratch copy of the tracked files (the checkout is not touched) for at most
 # MUTATION_BUDGET_S seconds (default 1800; the run can be continued by calling again with
@@ -29,6 +30,13 @@ declare -A TESTS=(
   [data/order.py]="tests/test_order_and_resume_state.py tests/test_resume.py tests/test_distributed.py tests/test_resume_accumulation.py"
   [checkpointing/resume_state.py]="tests/test_order_and_resume_state.py tests/test_resume_accumulation.py"
 )
+if [ "$MODULE" = core ]; then  # every module of the map, one after the other, OUT/<name>
+  for m in noise_schedule.py algorithms/losses.py algorithms/objectives.py sampling/samplers.py \
+    algorithms/radd.py data/order.py checkpointing/resume_state.py; do
+    bash "$ROOT/scripts/mutation.sh" "$OUT/$(basename "$m" .py)" "$m"
+  done
+  exit 0
+fi
 SELECTED=("$@")
 if [ ${#SELECTED[@]} -eq 0 ]; then
   [ -n "${TESTS[$MODULE]:-}" ] || { echo "error: no default tests for $MODULE: name them" >&2; exit 2; }
