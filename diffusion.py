@@ -27,6 +27,7 @@ from evaluation import latent_diagnostics, validation
 from models import build_networks
 from models.ema import ExponentialMovingAverage
 from noise_schedule import get_noise
+from sampling import generation
 
 
 class Diffusion(L.LightningModule):
@@ -44,6 +45,7 @@ class Diffusion(L.LightningModule):
             kl_weighting=cfg.training.kl_weighting,
             time_conditioning=cfg.time_conditioning,
             fade_to_prior=bool(cfg.decoder.fade_to_prior),
+            frame=generation.training_frame(cfg, vocab.bos_id, vocab.eos_id),
         )
         tr = cfg.training
         self.free_bits = objectives.FreeBits(tr.free_bits, tr.free_bits_group)

@@ -24,6 +24,7 @@ class DiffusionSpec:
     kl_weighting: str = "time"
     time_conditioning: bool = False
     fade_to_prior: bool = False  # decoder.fade_to_prior: r_t fades to the prior as t -> 0
+    frame: tuple[int, ...] = ()  # keep_frame=True: positions never masked and not counted
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.noise.sigma(t) if self.time_conditioning else torch.zeros_like(t)
@@ -73,13 +74,25 @@ class LossOutput:
         return self.per_seq.sum() / self.num_tokens
 
 
+def _diffused(x0, key_mask, spec: DiffusionSpec) -> torch.Tensor | None:
+    """(B, L) positions the forward process may mask and the bound counts: the real
+    tokens outside the frame (spec.frame, given like a prompt). None: every position."""
+    if not spec.frame:
+        return key_mask
+    keep = torch.ones_like(x0, dtype=torch.bool) if key_mask is None else key_mask.clone()
+    keep[:, list(spec.frame)] = False
+    return keep
+
+
 def _noisy_batch(x0, key_mask, t, spec: DiffusionSpec, draws: Draws | None = None):
-    """Discretise t if needed, mask x0 (never padding); return t, xt, masked (B, L)."""
+    """Discretise t if needed, mask x0 (never padding or the frame); return t, xt, masked
+    (B, L)."""
     if spec.num_steps > 0:
         t = losses.discretize_t(t, spec.num_steps)
     xt = losses.mask_tokens(x0, t, spec.noise, spec.mask_id, u=draws and draws.mask_u)
-    if key_mask is not None:
-        xt = torch.where(key_mask, xt, x0)
+    diffused = _diffused(x0, key_mask, spec)
+    if diffused is not None:
+        xt = torch.where(diffused, xt, x0)
     return t, xt, xt == spec.mask_id
 
 
@@ -96,7 +109,7 @@ def mdlm_loss(backbone, x0, key_mask, t, spec: DiffusionSpec, draws=None) -> Los
     recon = _recon(backbone, x0, xt, masked, spec.sigma(t), spec, key_mask=key_mask)
     lam_rec, _ = losses.loss_weights(t, spec.noise, spec.kl_weighting, spec.num_steps)
     per_seq = losses.nelbo_mdlm(recon, lam_rec)
-    return LossOutput(per_seq, _num_tokens(x0, key_mask), {"recon": -recon.detach()})
+    return LossOutput(per_seq, _num_tokens(x0, key_mask, spec), {"recon": -recon.detach()})
 
 
 def vae_loss(
@@ -141,7 +154,7 @@ def vae_loss(
         per_seq = per_seq + extra
         stats["free_bits"] = extra.detach()
     latent = Latent(mu.detach(), log_sigma.detach(), t.detach(), key_mask)
-    return LossOutput(per_seq, _num_tokens(x0, key_mask), stats, latent)
+    return LossOutput(per_seq, _num_tokens(x0, key_mask, spec), stats, latent)
 
 
 def vae_prior_nelbo(backbone, x0, key_mask, t, spec: DiffusionSpec, latent_shape) -> LossOutput:
@@ -150,7 +163,7 @@ def vae_prior_nelbo(backbone, x0, key_mask, t, spec: DiffusionSpec, latent_shape
     z = torch.randn((x0.shape[0], *latent_shape), device=x0.device)
     recon = _recon(backbone, x0, xt, masked, spec.sigma(t), spec, z, key_mask)
     lam_rec, _ = losses.loss_weights(t, spec.noise, spec.kl_weighting, spec.num_steps)
-    return LossOutput(losses.nelbo_mdlm(recon, lam_rec), _num_tokens(x0, key_mask))
+    return LossOutput(losses.nelbo_mdlm(recon, lam_rec), _num_tokens(x0, key_mask, spec))
 
 
 # ---------------------------------------------------------------- RADD's and SEDD's losses
@@ -167,9 +180,10 @@ def k_dce_loss(backbone, x0, key_mask, u_k, spec: DiffusionSpec, draws=None) -> 
     positions masked, a uniformly random subset; loss (n / k) sum_masked -log p. Its
     expectation is the NLL of an any-order AR model averaged over random orders.
     u_k (B,) in [0, 1) picks k = floor(u_k n) + 1 (stratified like t)."""
-    n = x0.new_full((x0.shape[0],), x0.shape[1]) if key_mask is None else key_mask.sum(1)
+    diffused = _diffused(x0, key_mask, spec)
+    n = x0.new_full((x0.shape[0],), x0.shape[1]) if diffused is None else diffused.sum(1)
     k = torch.minimum((u_k * n).floor().long() + 1, n).clamp_min(1)  # n = 0: weight 0
-    masked = losses.mask_exactly_k(_uniforms(x0, draws), k, key_mask)
+    masked = losses.mask_exactly_k(_uniforms(x0, draws), k, diffused)
     return _dce(backbone, x0, key_mask, masked, n / k, spec)
 
 
@@ -181,13 +195,14 @@ def _uniforms(x0, draws) -> torch.Tensor:
 
 
 def _dce(backbone, x0, key_mask, masked, weight, spec) -> LossOutput:
-    if key_mask is not None:
-        masked = masked & key_mask
+    diffused = _diffused(x0, key_mask, spec)
+    if diffused is not None:
+        masked = masked & diffused
     xt = torch.where(masked, spec.mask_id, x0)
     sigma = torch.zeros(x0.shape[0], device=x0.device)  # time-free: checked at start-up
     recon = _recon(backbone, x0, xt, masked, sigma, spec, key_mask=key_mask)
     per_seq = -weight.to(recon.dtype) * recon
-    return LossOutput(per_seq, _num_tokens(x0, key_mask), {"recon": -recon.detach()})
+    return LossOutput(per_seq, _num_tokens(x0, key_mask, spec), {"recon": -recon.detach()})
 
 
 def score_entropy_loss(
@@ -205,7 +220,7 @@ def score_entropy_loss(
     dsigma = (-spec.noise.dalpha(t) / spec.noise.alpha(t)).double()  # (B,)
     per_pos = losses.scatter_rows(entropy, masked)  # (B, L)
     per_seq = (dsigma * per_pos.sum(-1)).float()
-    return LossOutput(per_seq, _num_tokens(x0, key_mask))
+    return LossOutput(per_seq, _num_tokens(x0, key_mask, spec))
 
 
 @torch.no_grad()
@@ -215,10 +230,11 @@ def any_order_nll(backbone, x0, key_mask, rank, spec: DiffusionSpec, rows_per_ca
     smaller rank): sum_i -log p(x^{pi_i} | x^{pi_<i}), i.e. n network calls for n real
     positions, batched `rows_per_call` sequences at a time."""
     B, L = x0.shape
-    n = torch.full((B,), L, device=x0.device) if key_mask is None else key_mask.sum(1)
-    real = torch.ones_like(x0, dtype=torch.bool) if key_mask is None else key_mask
-    if key_mask is not None:  # real positions first, in the given order
-        rank = rank.double().masked_fill(~key_mask, float("inf"))
+    diffused = _diffused(x0, key_mask, spec)  # the frame is given, as padding is, not scored
+    n = torch.full((B,), L, device=x0.device) if diffused is None else diffused.sum(1)
+    real = torch.ones_like(x0, dtype=torch.bool) if diffused is None else diffused
+    if diffused is not None:  # scored positions first, in the given order
+        rank = rank.double().masked_fill(~diffused, float("inf"))
     rank = rank.argsort(1).argsort(1)  # 0..L-1 per row, padding last
     total = torch.zeros(B, dtype=torch.float64, device=x0.device)
     steps = torch.arange(int(n.max()), device=x0.device)
@@ -258,7 +274,8 @@ def ar_loss(net, x0, key_mask, spec: DiffusionSpec) -> LossOutput:
     return LossOutput(per_seq, valid.sum())
 
 
-def _num_tokens(x0, key_mask) -> torch.Tensor:
-    if key_mask is None:
+def _num_tokens(x0, key_mask, spec: DiffusionSpec) -> torch.Tensor:
+    diffused = _diffused(x0, key_mask, spec)
+    if diffused is None:
         return torch.tensor(x0.numel(), device=x0.device)
-    return key_mask.sum()
+    return diffused.sum()

@@ -20,6 +20,7 @@ from config_check.model_rules import (
 from config_check.run_rules import (
     _check_eval,
     _check_group_selection,
+    _check_keep_frame,
     _check_logger,
     _check_resume,
     _check_sampling,
@@ -140,6 +141,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_model_shape,
         _check_sampling_keys,
         _check_sampling,
+        _check_keep_frame,
         _check_eval,
         _check_warm_start,
         _check_resume,

@@ -289,6 +289,27 @@ def _check_sampling(cfg):
         _check_semi_ar(cfg, pred, algo)
 
 
+def _check_keep_frame(cfg):
+    """keep_frame=True: a diffusion model on text whose sampler is given the same frame."""
+    if not cfg.get("keep_frame", False):
+        return
+    kind, algo = cfg.data.kind, algorithms.algorithm_class(cfg)
+    if kind not in ("text", "set") or algo.family == "ar":
+        what = f"data.kind={kind}" if algo.family != "ar" else "the AR baseline"
+        raise ConfigError(f"keep_frame=True needs a diffusion model on text; {what} has no "
+                          "frame: set keep_frame=False")  # fmt: skip
+    if cfg.sampling.frame != "auto":
+        raise ConfigError(
+            f"keep_frame=True never masks the frame in training, so the sampler must be given "
+            f"it: sampling.frame={cfg.sampling.frame} -> sampling.frame=auto (or keep_frame=False)"
+        )
+    if cfg.sampling.get("semi_ar", False) and kind == "text" and cfg.data.wrap:
+        raise ConfigError(
+            "keep_frame=True with wrapped text never masks EOS at L-1, but semi_ar windows do "
+            "not end with it: set sampling.semi_ar=False or keep_frame=False"
+        )
+
+
 def _check_semi_ar(cfg, pred, algo):
     """sampling.semi_ar: windows of model.length slid by stride_length, num_strides times
     (samplers.sample_semi_ar); the first window alone holds the BOS frame and a prefix."""

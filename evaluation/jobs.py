@@ -29,7 +29,10 @@ if TYPE_CHECKING:  # a type only: diffusion imports these modules
 
 def bound_name(cfg: DictConfig, num_particles: int) -> str:
     """Human-readable name of the quantity ppl_eval reports (the algorithm's own)."""
-    return get_algorithm(cfg).bound_name(num_particles)
+    name = get_algorithm(cfg).bound_name(num_particles)
+    if cfg.get("keep_frame", False):  # the frame is given, never masked, not counted
+        name += ", of the tokens outside the frame (sampling.frame), given it"
+    return name
 
 
 def run_ppl_eval(

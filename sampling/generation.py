@@ -96,7 +96,7 @@ def conditioning_from_text(
     return x
 
 
-def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
+def frame_positions(cfg: DictConfig, bos_id: int | None, eos_id: int | None):
     """(BOS at 0, EOS at L-1) that every training row holds, for sampling.frame=auto; None
     when nothing is fixed (frame=none, grid / image data, the AR baseline)."""
     if cfg.sampling.frame != "auto" or algorithm_class(cfg).family == "ar":
@@ -104,9 +104,24 @@ def frame_positions(cfg: DictConfig, tokenizer) -> tuple[bool, bool] | None:
     kind = cfg.data.kind
     if kind == "set":  # data/text_set.py: BOS + the verse opening
         return True, False
-    if kind != "text" or tokenizer.bos_token_id is None:
+    if kind != "text" or bos_id is None:
         return None
-    return True, bool(cfg.data.wrap) and tokenizer.eos_token_id is not None
+    return True, bool(cfg.data.wrap) and eos_id is not None
+
+
+def training_frame(cfg: DictConfig, bos_id: int | None, eos_id: int | None) -> tuple[int, ...]:
+    """keep_frame=True: the frame's positions (frame_positions), which the forward process
+    never masks and the bound does not count, so that training sees the state a sampler
+    given the frame starts from. () when keep_frame=False."""
+    if not cfg.get("keep_frame", False):
+        return ()
+    frame = frame_positions(cfg, bos_id, eos_id)
+    if frame is None:  # config_check refuses the cases it can see before the tokenizer
+        raise ConfigError(
+            "keep_frame=True but these data give no frame (no BOS token): set keep_frame=False"
+        )
+    bos, eos = frame
+    return (0,) * bos + (int(cfg.model.length) - 1,) * eos
 
 
 def conditioning_from_config(
@@ -129,8 +144,8 @@ def conditioning_from_config(
             tokenizer, length, prefix=s.prefix, suffix=s.suffix, template=s.template,
             mask_id=mask_id, eos=bool(cfg.data.wrap) and not semi_ar,
         )  # fmt: skip
-    elif frame_positions(cfg, tokenizer):
-        bos, eos = frame_positions(cfg, tokenizer)
+    elif frame := frame_positions(cfg, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        bos, eos = frame
         x_init = conditioning_from_text(
             tokenizer, length, mask_id=mask_id, bos=bos, eos=eos and not semi_ar
         )

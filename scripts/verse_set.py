@@ -14,7 +14,7 @@ they are a lookup). Per seed: MDLM and VADD trained, then --num-samples samples 
 T of --sample-steps. Writes <out>/verse_set.json (mean +- std over seeds, settings, wall
 time) and <out>/verse_set.png.
 
-  python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, ~22 min on 2 CPUs
+  python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, ~18 min on 2 CPUs
   python scripts/verse_set.py --seeds 1 --steps 200 --out /tmp/vs --judge none  # a quick look
 """
 

@@ -91,10 +91,15 @@ def reference_loss(module, batch, t, beta=1.0, mask_u=None, z_eps=None, xt_seen=
     cfg, vocab = module.cfg, module.vocab.size  # [MASK] = vocab; ids >= vocab never compete
     assert not cfg.time_conditioning and cfg.training.num_particles == 1
     x0, real = batch["input_ids"], batch["attention_mask"].bool()
+    scored = real.clone()  # keep_frame=True: BOS (and, wrapped, EOS at L-1) are given
+    if cfg.keep_frame:
+        scored[:, 0] = False
+        if cfg.data.wrap:
+            scored[:, -1] = False
     t, lam_rec, lam_kl = reference_weights(cfg, t.double())
     p_mask = 1 - alpha_and_slope(cfg.noise, t)[0]
     if mask_u is not None:
-        masked = (mask_u.double() < p_mask[:, None]) & real
+        masked = (mask_u.double() < p_mask[:, None]) & scored
     else:
         masked = xt_seen == vocab
     xt = torch.where(masked, vocab, x0)
@@ -119,7 +124,7 @@ def reference_loss(module, batch, t, beta=1.0, mask_u=None, z_eps=None, xt_seen=
     logp = torch.log_softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
     out["nll"] = -(logp * masked).sum(1)
     out["per_seq"] = per_seq + lam_rec * out["nll"]
-    out.update(xt=xt, masked=masked, tokens=int(real.sum()), lam_rec=lam_rec, lam_kl=lam_kl)
+    out.update(xt=xt, masked=masked, tokens=int(scored.sum()), lam_rec=lam_rec, lam_kl=lam_kl)
     return out
 
 
@@ -271,6 +276,39 @@ def test_padding_is_never_masked_counted_or_in_the_kl(corpus, tmp_path, case):
         kl, closed = val.ref["kl"].mean(), val.ref["kl_closed"].mean()
         assert results["kl"] == pytest.approx(float(kl), rel=RTOL, abs=ATOL)
         assert results["kl_closed"] == pytest.approx(float(closed), rel=RTOL, abs=ATOL)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ["training.loss_type=mdlm"],
+        ["training.loss_type=vae", "model.latent1d=False"],
+        ["training.loss_type=mdlm", "data.wrap=True"],
+    ],
+    ids=["mdlm-padded", "vae-z-per-position-padded", "mdlm-wrapped"],
+)
+def test_keep_frame_never_masks_the_frame_and_counts_only_the_rest(corpus, tmp_path, case):
+    """keep_frame=True: BOS at 0 (and EOS at L-1 of wrapped rows) is never masked, in a
+    training step and in a validation; the bound's tokens are the real tokens outside the
+    frame, and the per-sequence loss equals the reference that scores only those."""
+    cfg, module, train, val, results = train_and_validate(
+        corpus, tmp_path, *case, "keep_frame=True"
+    )
+    frame = [0, cfg.model.length - 1] if cfg.data.wrap else [0]
+    for call in (train, val):
+        x0, real = call.batch["input_ids"], call.batch["attention_mask"].bool()
+        assert (x0[:, 0] == module.vocab.bos_id).all()
+        if cfg.data.wrap:
+            assert (x0[:, -1] == module.vocab.eos_id).all()
+        assert torch.equal(call.xt_seen[:, frame], x0[:, frame])  # the frame never masked
+        assert call.ref["masked"][:, 1:].any()
+        assert (
+            int(call.out.num_tokens) == call.ref["tokens"] == int(real.sum()) - len(frame) * len(x0)
+        )
+        assert_matches_reference(call)
+    assert results["tokens"] == val.ref["tokens"]
+    nll = float(val.ref["per_seq"].sum()) / val.ref["tokens"]
+    assert results["nll"] == pytest.approx(nll, rel=RTOL)
 
 
 # ---------------------------------------------------------------------------- schedules

@@ -166,6 +166,30 @@ def test_verse_set_trains_and_sample_eval_scores_precision(tmp_path):
     assert 0.0 <= result["precision"] <= 1.0
     assert result["num_samples"] == 8 * 4  # eval batch x recipe's num_sample_batches
     assert result["coverage_of_exact_draws"] == pytest.approx(1 - (7 / 8) ** 32)
+    # recipe=verse_set has keep_frame=True: the bound counts the 15 tokens after BOS
+    rows = [r for r in (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[1:]]
+    header = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    tokens = [float(r.split(",")[header.index("val/tokens")]) for r in rows]
+    assert [t for t in tokens if t == t] == [8 * 15]  # the one validation (NaN elsewhere)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampling.frame=none"], "sampling.frame=none -> sampling.frame=auto"),
+        (["data=checkerboard", "recipe=checkerboard", "model=toy_mlp"], "data.kind=grid has no"),
+        (["data.wrap=True", "data=bible", "recipe=cpu", "sampling.semi_ar=True"], "semi_ar"),
+    ],
+)
+def test_keep_frame_without_a_frame_the_sampler_is_given_is_refused(tmp_path, overrides, message):
+    from hydra_jobs import compose_job
+
+    from config_check import ConfigError, validate_config
+
+    cfg = compose_job(tmp_path, "data=verse_set", "recipe=verse_set", *overrides, "keep_frame=True")
+    validate_config(compose_job(tmp_path, *overrides))  # fine without keep_frame
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
 
 
 def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
