@@ -96,7 +96,9 @@ def conditioning_from_text(
     return x
 
 
-def frame_positions(cfg: DictConfig, bos_id: int | None, eos_id: int | None):
+def frame_positions(
+    cfg: DictConfig, bos_id: int | None, eos_id: int | None
+) -> tuple[bool, bool] | None:
     """(BOS at 0, EOS at L-1) that every training row holds, for sampling.frame=auto; None
     when nothing is fixed (frame=none, grid / image data, the AR baseline)."""
     if cfg.sampling.frame != "auto" or algorithm_class(cfg).family == "ar":
