@@ -164,6 +164,7 @@ RESUME_STRUCTURE = (
     "model.latent_struc", "decoder.hidden_size", "decoder.cond_dim", "decoder.n_heads",
     "decoder.n_blocks", "decoder.mask_struc", "decoder.fade_to_prior", "data.name",
     "data.tokenizer_name_or_path", "seed",  # seed: the order rows are read in
+    "keep_frame",  # which tokens are diffused and counted: another objective
 )  # fmt: skip
 
 

@@ -154,9 +154,11 @@ def test_a_refused_resume_writes_nothing(trained, tmp_path, change, named):
     assert {p.name: digest(p) for p in ckpts.iterdir()} == before
 
 
-def test_a_resume_with_another_seed_is_refused_naming_both(trained):
-    """Another seed reads the epoch's rows in another order: the resume could not be
-    exact (rows read twice, others skipped), so it is refused before anything is written."""
+@pytest.mark.parametrize("key", ["seed", "keep_frame"])
+def test_a_resume_with_another_seed_or_frame_is_refused_naming_both(trained, key):
+    """Another seed reads the epoch's rows in another order, another keep_frame diffuses
+    and counts other tokens: the resume could not be exact (rows read twice, others
+    skipped; another objective), so it is refused before anything is written."""
     from omegaconf import OmegaConf
 
     from checkpointing.checkpoints import CheckpointError, check_resume
@@ -165,9 +167,9 @@ def test_a_resume_with_another_seed_is_refused_naming_both(trained):
     last = trained / "checkpoints" / "last.ckpt"
     vocab = torch.load(last, map_location="cpu", weights_only=False)["vadd"]["vocab"]["size"]
     check_resume(cfg, vocab, str(last))  # the same config resumes
-    cfg.seed = int(cfg.seed) + 1
-    with pytest.raises(CheckpointError, match=rf"seed={cfg.seed - 1} in the checkpoint, "
-                       rf"{cfg.seed} now"):  # fmt: skip
+    before = cfg[key]
+    cfg[key] = (not before) if isinstance(before, bool) else int(before) + 1
+    with pytest.raises(CheckpointError, match=rf"{key}={before} in the checkpoint, {cfg[key]} now"):
         check_resume(cfg, vocab, str(last))
 
 
