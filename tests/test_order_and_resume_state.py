@@ -298,8 +298,21 @@ def test_a_resume_whose_layout_cannot_continue_the_epoch_is_refused(monkeypatch)
     state = sampler(48, seed=5, batch_size=6).state_dict(consumed=6)  # 6 rows read
     as_rank(monkeypatch, 0, 2)
     with pytest.raises(CheckpointError, match=r"read 6 rows of epoch 0 as 1 process\(es\) "
-                       r"x 6 rows, not a whole number of this run's steps of 2 x 2"):  # fmt: skip
+                       r"x 6 rows, not a whole number of this run's steps of 2 x 2: resume "
+                       r"with the checkpoint's devices and loader.batch_size, or a layout "
+                       r"whose rows per micro-step divide it"):  # fmt: skip
         sampler(48, seed=5, batch_size=2).load_state_dict(state)
+
+
+def test_a_strided_shard_resumes_at_its_row_under_another_batch_size(monkeypatch):
+    """drop_last=False shards by stride, not in blocks of rows per micro-step: another
+    batch size reads on from the same row, with no whole-steps check (8 rows % 3 != 0)."""
+    as_rank(monkeypatch, 0, 1)
+    order = list(sampler(48, seed=5, drop_last=False, batch_size=4))
+    state = sampler(48, seed=5, drop_last=False, batch_size=4).state_dict(consumed=8)
+    s = sampler(48, seed=5, drop_last=False, batch_size=3)
+    s.load_state_dict(state)
+    assert list(s) == order[8:]
 
 
 def test_an_old_state_without_a_layout_reads_as_this_runs(monkeypatch):
