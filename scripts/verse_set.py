@@ -6,15 +6,14 @@ then sampling.generation.generate (`ddpm_cache` for MDLM, `vae_cache` with fixz 
 False for VADD), from BOS given. The data are N distinct rows of BOS + 15 verse-opening
 tokens, uniformly (data/text_set.py), so every sample is scored exactly: precision (a
 member or not) and coverage (members found), beside what exact draws reach; the judge's
-gen-PPL and the unigram entropy are reported too.
+gen-PPL (of the first --judge-samples of each cell) and the unigram entropy beside them.
 
 Equal training compute: MDLM gets more steps, in the ratio of the two models' matmul
 parameters per training step (decoder vs decoder + encoder; embedding tables excluded,
 they are a lookup). Per seed: MDLM and VADD trained, then --num-samples samples at each
 T of --sample-steps. Writes <out>/verse_set.json (mean +- std over seeds, settings, wall
-time) and <out>/verse_set.png.
-
-  python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, ~17.5 min on 2 CPUs
+time per phase) and <out>/verse_set.png.
+  python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, ~13 min on 2 CPUs
   python scripts/verse_set.py --seeds 1 --steps 200 --out /tmp/vs --judge none  # a quick look
 """
 
@@ -60,12 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
     p.add_argument("--num-samples", type=int, default=256, help="samples per (model, T)")
     p.add_argument("--judge", default="smollm2", help="gen-PPL judge, or 'none'")
+    p.add_argument("--judge-samples", type=int, default=64,
+                   help="gen-PPL of the first K samples of each cell (precision, coverage, "
+                   "entropy: all); the judge is most of the wall otherwise")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one job = model, seed)")
     p.add_argument("--vadd", action="append", default=None, metavar="KEY=VALUE",
                    help="a Hydra override for the VADD model only (repeatable); given once "
                    f"or more, it replaces the default {' '.join(DEFAULT_VADD)}")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both models")
     args = p.parse_args(argv)
+    for flag in ("judge_samples", "num_samples"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
     args.vadd = DEFAULT_VADD if args.vadd is None else args.vadd
     return args
 
@@ -163,9 +168,7 @@ def _last_validation(out: Path) -> dict:
     path = out / "logs" / "metrics.csv"
     if not path.exists():
         return {}
-    rows = [r for r in csv.DictReader(path.open()) if r.get("val/nll")]
-    if not rows:
-        return {}
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val/nll")] or [{}]
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
 
 
@@ -219,11 +222,14 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
-    """gen-PPL (one judge load) and unigram entropy of every sample set, and of the truth.
+def judge_all(runs: list[dict], judge_name: str, judge_samples: int) -> tuple[dict, dict]:
+    """gen-PPL (one judge load) of the first `judge_samples` of every sample set and of
+    the truth; unigram entropy of every sample.
 
     Each distinct text is scored once: a trained model repeats the set's members, so
-    most cells share their texts (gen_ppl.corpus_gen_ppl counts the repeats)."""
+    most cells share their texts (gen_ppl.corpus_gen_ppl counts the repeats). The rest
+    are distinct (a few-step MDLM, VADD with a new z per step): a 135M-parameter judge
+    at ~0.1 s a text on one core, which the subsample keeps to a few minutes."""
     from evaluation import gen_ppl
 
     scores, truth = {}, {}
@@ -231,30 +237,26 @@ def judge_all(runs: list[dict], judge_name: str) -> tuple[dict, dict]:
     judged = {}
     if judge_name != "none":
         judge = gen_ppl.load_judge(judge_name)
-        distinct = sorted({t for r in runs for texts in r["texts"].values() for t in texts})
+        distinct = sorted(
+            {t for r in runs for texts in r["texts"].values() for t in texts[:judge_samples]}
+        )
         judged = gen_ppl.distinct_text_scores([*distinct, *members], judge, batch_size=64)
     for r in runs:
         for key, texts in r["texts"].items():
-            entry = {"unigram_entropy": _entropy_of_texts(texts)}
+            entry = {"unigram_entropy": _word_entropy(texts)}
             if judged:
-                entry["gen_ppl"] = gen_ppl.corpus_gen_ppl(texts, judged)
+                entry["gen_ppl"] = gen_ppl.corpus_gen_ppl(texts[:judge_samples], judged)
             scores[(r["seed"], key)] = entry
-    truth["unigram_entropy"] = _entropy_of_texts(members)
+    truth["unigram_entropy"] = _word_entropy(members)
     if judged:
         truth["gen_ppl"] = gen_ppl.corpus_gen_ppl(members, judged)
     return scores, truth
 
 
-def _entropy_of_texts(texts: list[str]) -> float:
-    from collections import Counter
+def _word_entropy(texts: list[str]) -> float:
+    from evaluation import gen_ppl
 
-    values = []
-    for text in texts:
-        words = text.split()
-        if words:
-            counts, n = Counter(words).values(), len(words)
-            values.append(-sum(c / n * math.log(c / n) for c in counts))
-    return statistics.fmean(values) if values else 0.0
+    return gen_ppl.unigram_entropy([t.split() for t in texts])  # of words: any tokenizer
 
 
 def plot(path: Path, table: dict, truth: dict) -> None:
@@ -303,17 +305,9 @@ def make_jobs(args, vadd_steps: int, mdlm_steps: int) -> list[dict]:
                 f"trainer.val_check_interval={steps}",
                 f"callbacks.checkpoint_every_n_steps.every_n_train_steps={steps}",
             ]
-            out = str(args.out / f"{algo}_seed{seed}")
-            jobs.append(
-                dict(
-                    algo=algo,
-                    seed=seed,
-                    out=out,
-                    overrides=overrides,
-                    sample_steps=args.sample_steps,
-                    num_samples=args.num_samples,
-                )
-            )
+            jobs.append(dict(algo=algo, seed=seed, out=str(args.out / f"{algo}_seed{seed}"),
+                             overrides=overrides, sample_steps=args.sample_steps,
+                             num_samples=args.num_samples))  # fmt: skip
     return jobs
 
 
@@ -328,6 +322,27 @@ def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
     return runs
 
 
+def measure(args, runs: list[dict], train_seconds: float) -> tuple[dict, dict, dict]:
+    """The table over seeds, the truth (exact draws, the judge's gen-PPL of the members)
+    and the seconds of each phase (where the wall goes)."""
+    phases, start = {"train_and_sample": train_seconds}, time.time()
+    judge_scores, truth = judge_all(runs, args.judge, args.judge_samples)
+    phases["judge"] = time.time() - start
+    exact_samples = 16 * args.num_samples  # the bound's own sampling error is small
+    exact = text_set.exact_mdlm_scores(
+        compose(args.out, args.overrides), args.sample_steps, exact_samples
+    )
+    phases["exact_draws"] = time.time() - start - phases["judge"]
+    n = len(runs[0]["members"])
+    truth.update(
+        num_members=n,
+        true_entropy_nats_per_sequence=math.log(n),
+        coverage_of_exact_draws=text_set.expected_coverage(n, args.num_samples),
+        exact_mdlm_precision={k: v["precision"] for k, v in exact.items()},
+    )
+    return summarise(runs, judge_scores), truth, phases
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -338,23 +353,11 @@ def main(argv=None) -> int:
     print(f"[verse_set] {len(jobs)} jobs (VADD {vadd_steps} steps, MDLM {mdlm_steps} = "
           f"x{ratio:.2f} for equal compute), {args.jobs} at a time", flush=True)  # fmt: skip
     runs = run_jobs(jobs, args.jobs)
-    judge_scores, truth = judge_all(runs, args.judge)
-    table = summarise(runs, judge_scores)
-    exact_samples = 16 * args.num_samples  # the bound's own sampling error is small
-    exact = text_set.exact_mdlm_scores(
-        compose(args.out, args.overrides), args.sample_steps, exact_samples
-    )
-    n = len(runs[0]["members"])
-    truth.update(
-        num_members=n,
-        true_entropy_nats_per_sequence=math.log(n),
-        coverage_of_exact_draws=text_set.expected_coverage(n, args.num_samples),
-        exact_mdlm_precision={k: v["precision"] for k, v in exact.items()},
-    )
+    table, truth, phases = measure(args, runs, time.time() - start)
     settings = {"vadd_train_steps": vadd_steps, "mdlm_train_steps": mdlm_steps,
-                "compute_ratio": ratio, "seeds": args.seeds, "num_samples": args.num_samples,
-                "judge": args.judge, "overrides": args.overrides,
-                "vadd_overrides": args.vadd}  # fmt: skip
+                "compute_ratio": ratio, "vadd_overrides": args.vadd,
+                **{k: getattr(args, k) for k in ("seeds", "num_samples", "judge",
+                                                 "judge_samples", "overrides")}}  # fmt: skip
     first = {"vae": "VADD fixz=True|1", "mdlm": "MDLM|1"}
     result = {
         "experiment": "verse_set: few-step sampling of a known set of BOS + verse openings",
@@ -366,6 +369,7 @@ def main(argv=None) -> int:
             f"{r['algo']}_seed{r['seed']}": r["texts"].get(first[r["algo"]], [])[:5] for r in runs
         },
         "wall_seconds": round(time.time() - start, 1),
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
     }
     (args.out / "verse_set.json").write_text(json.dumps(result, indent=2))
     plot(args.out / "verse_set.png", table, truth)

@@ -248,3 +248,34 @@ def test_distinct_texts_are_scored_once_and_a_set_counts_its_repeats(judge):
     unweighted = gen_ppl.generative_perplexity([VERSES[0], VERSES[3]], judge)["gen_ppl"]
     assert gen_ppl.corpus_gen_ppl(cell, scores) != pytest.approx(unweighted, rel=1e-3)
     assert math.isnan(gen_ppl.corpus_gen_ppl(["", ""], scores))
+
+
+def test_verse_set_judges_the_first_k_samples_of_a_cell_and_counts_entropy_over_all(
+    judge, monkeypatch
+):
+    """scripts/verse_set.py's judge_all: gen-PPL of each cell over its first
+    --judge-samples texts only (the judge is the script's cost), word entropy over all."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "verse_set.py"
+    spec = importlib.util.spec_from_file_location("verse_set_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cell = [VERSES[0], VERSES[1], "light light light light", "darkness was upon"]
+    other = [cell[2]]  # judged for this cell: the first cell must still leave it out
+    runs = [{"seed": 1, "members": VERSES[:2], "texts": {"MDLM|1": cell, "MDLM|2": other}}]
+    judged, score = [], gen_ppl.distinct_text_scores
+    monkeypatch.setattr(
+        gen_ppl, "distinct_text_scores", lambda t, *a, **k: judged.extend(t) or score(t, *a, **k)
+    )
+    scores, truth = script.judge_all(runs, "smollm2", judge_samples=2)
+    assert set(judged) == {*cell[:3]}  # the 4th text is in no cell's first two: never judged
+    first_two = gen_ppl.generative_perplexity(cell[:2], judge)["gen_ppl"]
+    assert scores[(1, "MDLM|1")]["gen_ppl"] == pytest.approx(first_two, rel=1e-4)
+    assert scores[(1, "MDLM|1")]["unigram_entropy"] == pytest.approx(
+        gen_ppl.unigram_entropy([t.split() for t in cell])
+    )  # every text of the cell, the 3rd and 4th too
+    assert truth["gen_ppl"] == pytest.approx(first_two, rel=1e-4)  # members = the first two
+    everything, _ = script.judge_all(runs, "smollm2", judge_samples=3)
+    assert everything[(1, "MDLM|1")]["gen_ppl"] != pytest.approx(first_two, rel=1e-3)

@@ -222,6 +222,8 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
     cell = result["table"]["VADD fixz=False"]["4"]["precision"]
     assert len(cell["per_seed"]) == 1 and 0.0 <= cell["mean"] <= 1.0
     assert (tmp_path / "verse_set.png").stat().st_size > 0
+    assert set(result["phase_seconds"]) == {"train_and_sample", "judge", "exact_draws"}
+    assert result["settings"]["judge_samples"] == 64  # the default, recorded
 
 
 # ----------------------------------------------------- the exact denoiser (MDLM's bound)
