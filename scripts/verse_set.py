@@ -13,6 +13,7 @@ parameters per training step (decoder vs decoder + encoder; embedding tables exc
 they are a lookup). Per seed: MDLM and VADD trained, then --num-samples samples at each
 T of --sample-steps. Writes <out>/verse_set.json (mean +- std over seeds, settings, wall
 time per phase) and <out>/verse_set.png.
+
   python scripts/verse_set.py --out outputs/verse_set          # 3 seeds, ~13 min on 2 CPUs
   python scripts/verse_set.py --seeds 1 --steps 200 --out /tmp/vs --judge none  # a quick look
 """
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
 from data import text_set  # noqa: E402
+from utils import write_json  # noqa: E402
 
 ALGOS = ("mdlm", "vae")
 # The cache variants skip the network for rows with nothing to reveal and draw the same
@@ -323,8 +325,7 @@ def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
 
 
 def measure(args, runs: list[dict], train_seconds: float) -> tuple[dict, dict, dict]:
-    """The table over seeds, the truth (exact draws, the judge's gen-PPL of the members)
-    and the seconds of each phase (where the wall goes)."""
+    """The table over seeds, the truth (exact draws, members' gen-PPL), seconds per phase."""
     phases, start = {"train_and_sample": train_seconds}, time.time()
     judge_scores, truth = judge_all(runs, args.judge, args.judge_samples)
     phases["judge"] = time.time() - start
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.time() - start, 1),
         "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
     }
-    (args.out / "verse_set.json").write_text(json.dumps(result, indent=2))
+    write_json(str(args.out / "verse_set.json"), result)  # atomic: a kill leaves no half file
     plot(args.out / "verse_set.png", table, truth)
     print(_markdown(table, truth), flush=True)
     print(f"[verse_set] {result['wall_seconds']} s -> {args.out}/verse_set.json, .png")

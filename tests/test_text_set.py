@@ -226,6 +226,21 @@ def test_verse_set_script_writes_the_table_json_and_png(tmp_path):
     assert result["settings"]["judge_samples"] == 64  # the default, recorded
 
 
+@pytest.mark.parametrize("flag", ["--judge-samples", "--num-samples"])
+def test_verse_set_refuses_a_non_positive_sample_count_naming_it(flag, capsys):
+    import importlib.util
+
+    from hydra_jobs import ROOT
+
+    spec = importlib.util.spec_from_file_location("verse_set_script", ROOT / "scripts/verse_set.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} 0: give at least 1" in capsys.readouterr().err
+
+
 # ----------------------------------------------------- the exact denoiser (MDLM's bound)
 SET = torch.tensor([[5, 0, 1, 2], [5, 0, 2, 1], [5, 3, 1, 2], [5, 3, 3, 3]])  # BOS = 5
 MASK = 6
